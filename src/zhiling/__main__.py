@@ -1,0 +1,3 @@
+from zhiling.cli import main
+
+raise SystemExit(main())

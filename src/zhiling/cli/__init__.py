@@ -1,0 +1,51 @@
+"""The ``zhiling`` command tree. Each module in ``COMMAND_MODULES`` registers its own sub-commands; the work
+itself lives in the packages (data, train, infer, serve, eval, export), never here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from zhiling import __version__
+from zhiling.errors import ZhilingError
+
+COMMAND_MODULES = [
+    "zhiling.cli.config_cmd",
+    "zhiling.cli.data_cmd",
+    "zhiling.cli.templates_cmd",
+]
+
+DESCRIPTION = """\
+zhiling (指令): raw instruction data in, a fine-tuned chat model out.
+
+Start with `zhiling quickstart`, or run `zhiling COMMAND --help` for any command below."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zhiling", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"zhiling {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        result = args.func(args)
+    except ZhilingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)

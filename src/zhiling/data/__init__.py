@@ -1,0 +1,1 @@
+"""Data pipeline: raw formats -> canonical records -> templates -> tokenized, cached training data."""
