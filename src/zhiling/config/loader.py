@@ -89,14 +89,25 @@ def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return model
 
 
+# Names people bring from other tools, mapped to ours.
+ALIASES = {
+    "lr": "learning_rate", "epochs": "num_epochs", "num_train_epochs": "num_epochs", "batch_size":
+    "per_device_batch_size", "per_device_train_batch_size": "per_device_batch_size", "grad_accum":
+    "gradient_accumulation_steps", "r": "rank", "lora_r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "max_length": "cutoff_len", "max_seq_length": "cutoff_len", "model_name_or_path": "name_or_path",
+    "output_dir": "dir", "dataset": "datasets", "lora_target": "target_modules",
+}
+
+
 def closest_key(root: type[BaseModel], loc: tuple) -> str | None:
-    """Suggest the valid key nearest to an unknown one (``trainig`` -> ``training``, ``lr`` -> nothing)."""
+    """Suggest the valid key nearest to an unknown one (``trainig`` -> ``training``, ``lr`` -> ``learning_rate``)."""
     owner = _model_at(root, loc[:-1])
     if owner is None:
         return None
     wrong = str(loc[-1])
     names = list(owner.model_fields)
-    match = difflib.get_close_matches(wrong, names, n=1, cutoff=0.5)
+    match = [ALIASES[wrong]] if ALIASES.get(wrong) in names else []
+    match = match or difflib.get_close_matches(wrong, names, n=1, cutoff=0.5)
     if not match:
         match = [n for n in names if wrong in n or n in wrong][:1]
     if not match:
