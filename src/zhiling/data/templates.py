@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import json
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from zhiling.errors import ZhilingError
@@ -387,3 +388,42 @@ def template_from_dict(data: dict):
     fields = dict(data)
     fields["stop_words"] = tuple(fields.get("stop_words", ()))
     return Template(**fields)
+
+
+TEMPLATE_RECORD = "zhiling_template.json"
+
+
+def save_template_record(template, folder: str | Path) -> Path:
+    """Record the training template beside an adapter or merged model (read back by ``recorded_template``)."""
+    path = Path(folder) / TEMPLATE_RECORD
+    path.write_text(json.dumps(template.to_dict(), ensure_ascii=False, indent=2), encoding="utf-8")
+    return path
+
+
+def recorded_template(folder: str | Path | None):
+    """The template recorded in ``folder`` (an adapter or merged model), or None."""
+    if folder is None:
+        return None
+    path = Path(folder) / TEMPLATE_RECORD
+    if not path.is_file():
+        return None
+    try:
+        return template_from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ZhilingError(f"{path}: not a valid template record ({exc})") from None
+
+
+def resolve_template(name: str | None, tokenizer, model_type: str | None, *, adapter: str | Path | None = None,
+                     model_dir: str | Path | None = None, system: str | None = None):
+    """The template for inference: an explicit name wins; else the one recorded with the adapter or merged model;
+    else the model's own chat template or family default (as in training). Returns (template, where it came from)."""
+    if name is not None:
+        return get_template(name, tokenizer, model_type, system), f"template '{name}' (given)"
+    for folder, what in ((adapter, "adapter"), (model_dir, "model")):
+        template = recorded_template(folder)
+        if template is not None:
+            if system is not None:
+                template = replace(template, default_system=system)
+            return template, f"template '{template.name}' recorded with the {what}"
+    template = get_template(None, tokenizer, model_type, system)
+    return template, f"template '{template.name}' (default for this model)"

@@ -3,6 +3,9 @@
 A format module registers a ``FormatSpec`` with ``register``. ``convert`` takes one raw row (already parsed) and the
 format's options and returns a list of canonical records (usually one; PsyQA with every answer gives several). It
 raises ``DataError`` naming the field on a bad row; the caller adds the file and line.
+
+Auto-detection looks at the first rows of a file and picks the first format, in ``FORMAT_MODULES`` order, whose
+``detect`` accepts all of them; formats that read whole files (couplets) detect from the file names instead.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import difflib
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from zhiling.data.reader import RawRow, iter_json_rows
@@ -17,6 +21,8 @@ from zhiling.errors import DataError
 
 Converter = Callable[[Any, dict], list[dict]]
 Reader = Callable[[list[str], dict], Iterator["RawRow | DataError"]]
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "resources" / "examples" / "formats"
 
 
 def read_json_files(paths: list[str], options: dict) -> Iterator[RawRow | DataError]:
@@ -33,7 +39,9 @@ class FormatSpec:
     read: Reader = read_json_files
     options: dict[str, str] = field(default_factory=dict)  # option name -> help text
     defaults: dict[str, Any] = field(default_factory=dict)
-    example: str | None = None  # file name under resources/examples/formats
+    example: str | None = None  # file (or folder) name under resources/examples/formats
+    signature: str = ""  # what detection looks for, in words (shown when a file is detected as this format)
+    detect_files: Callable[[list[str]], bool] | None = None  # file-level detection (formats with their own reader)
 
     def check_options(self, options: dict | None) -> dict:
         options = dict(options or {})
@@ -45,12 +53,71 @@ class FormatSpec:
                 raise DataError(f"unknown option '{key}' for format '{self.name}'{hint}")
         return {**self.defaults, **options}
 
+    @property
+    def example_path(self) -> Path | None:
+        return EXAMPLES_DIR / self.example if self.example else None
+
+
+# ----- option values (strings from the command line, or YAML values from a registry) -----------------------------
+def option_choice(options: dict, key: str, choices: tuple[str, ...]) -> str:
+    value = str(options.get(key)).strip().lower()
+    if value not in choices:
+        raise DataError(f"option {key}={options.get(key)!r} is not one of: {', '.join(choices)}")
+    return value
+
+
+def option_bool(options: dict, key: str) -> bool:
+    value = options.get(key)
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off"):
+        return False
+    raise DataError(f"option {key}={value!r} must be true or false")
+
+
+def option_mapping(options: dict, key: str, allowed: tuple[str, ...]) -> dict[str, str]:
+    """A ``name=column,name=column`` string (or a YAML mapping) -> {name: column}, names checked against ``allowed``.
+
+    An empty column (``instruction=``) is kept as ``""``: the caller decides what it means (usually "no column").
+    """
+    value = options.get(key)
+    if isinstance(value, dict):
+        pairs = {str(k).strip(): str(v).strip() for k, v in value.items()}
+    else:
+        pairs = {}
+        for part in str(value or "").split(","):
+            if not part.strip():
+                continue
+            if "=" not in part:
+                raise DataError(f"option {key}: '{part.strip()}' is not of the form name=column "
+                                f"(for example {key}=instruction=instruct,input=query,output=answer)")
+            name, column = part.split("=", 1)
+            pairs[name.strip()] = column.strip()
+    for name, column in pairs.items():
+        if name not in allowed:
+            close = difflib.get_close_matches(name, list(allowed), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise DataError(f"option {key}: unknown name '{name}'{hint} (names: {', '.join(allowed)})")
+    return pairs
+
 
 FORMATS: dict[str, FormatSpec] = {}
 
 # Modules that register formats; the order is the auto-detection order (most specific first).
 FORMAT_MODULES = [
+    "zhiling.data.formats.couplets",
+    "zhiling.data.formats.coig",
+    "zhiling.data.formats.psyqa",
+    "zhiling.data.formats.firefly",
+    "zhiling.data.formats.vicuna_chat",
+    "zhiling.data.formats.baize",
+    "zhiling.data.formats.sharegpt",
     "zhiling.data.formats.canonical",
+    "zhiling.data.formats.instruct",
+    "zhiling.data.formats.belle",
     "zhiling.data.formats.alpaca",
 ]
 
@@ -70,10 +137,16 @@ def get_format(name: str) -> FormatSpec:
     if name not in FORMATS:
         close = difflib.get_close_matches(name, list(FORMATS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise DataError(f"unknown format '{name}'{hint} (known: {', '.join(FORMATS)})")
+        raise DataError(f"unknown format '{name}'{hint} (known: {', '.join(all_formats())}, or auto)")
     return FORMATS[name]
 
 
 def all_formats() -> dict[str, FormatSpec]:
+    """Every format, in detection order (the order of their modules in ``FORMAT_MODULES``)."""
     _load_all()
-    return dict(FORMATS)
+
+    def rank(spec: FormatSpec) -> int:
+        module = spec.convert.__module__
+        return FORMAT_MODULES.index(module) if module in FORMAT_MODULES else len(FORMAT_MODULES)
+
+    return {spec.name: spec for spec in sorted(FORMATS.values(), key=rank)}

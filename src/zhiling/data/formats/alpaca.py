@@ -44,4 +44,5 @@ register(FormatSpec(
     name="alpaca",
     description="Alpaca / alpaca-GPT4 / Guanaco / alpaca-chinese: {instruction, input, output[, system, history]}",
     convert=_convert, detect=_detect, example="alpaca.json",
+    signature="keys instruction + output (input, system, history optional)",
 ))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zhiling.data.formats import FormatSpec, register
+from zhiling.data.formats import FormatSpec, option_bool, register
 from zhiling.data.records import get_list, get_str, type_name, validate_record
 from zhiling.errors import DataError
 
@@ -22,7 +22,7 @@ def _convert(row, options: dict) -> list[dict]:
         cleaned.append(message)
     extra = {k: v for k, v in row.items() if k not in ("messages", "system")}
     record = validate_record({**extra, "system": system, "messages": cleaned},
-                             require_answer=options.get("require_answer", True))
+                             require_answer=option_bool(options, "require_answer"))
     return [record]
 
 
@@ -34,4 +34,8 @@ register(FormatSpec(
     name="messages",
     description="canonical / OpenAI messages: {\"system\": ..., \"messages\": [{\"role\", \"content\"}, ...]}",
     convert=_convert, detect=_detect, example="messages.jsonl",
+    options={"require_answer": "true (default): the last turn must be the assistant's; false: prompt-only rows "
+                               "(for predict) may end on a user turn"},
+    defaults={"require_answer": True},
+    signature="a 'messages' array",
 ))
