@@ -36,7 +36,7 @@ INSTITUTIONS = ("新华社", "中国科学院", "国家图书馆", "中央电视
 SLOT_TYPES = {"P": "人名", "CITY": "地名", "PROV": "地名", "UNI": "机构名", "COMP": "机构名", "HOSP": "机构名",
               "INST": "机构名"}
 
-# <SLOT> markers are filled left to right; {T} is a non-entity time word.
+# <SLOT> markers are filled left to right; {T}, {S} and {A} are a non-entity time word, subject and activity.
 NER_TEMPLATES = (
     "<P>{T}要去<CITY>出差。",
     "<P>上个月从<CITY>搬到了<CITY>。",
@@ -64,6 +64,8 @@ NER_TEMPLATES = (
     "听说<P>要调到<COMP>去了。",
     "<P>在<CITY>开了一家小书店。",
     "<PROV>的<P>写信感谢<HOSP>的护士。",
+    "<P>{T}{A}。",
+    "<P>和{S}{T}{A}。",
 )
 
 TIME_WORDS = ("今天", "昨天", "明天", "上周", "下周", "周末", "前天", "后天", "今年", "去年")
