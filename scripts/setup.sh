@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Set up zhiling in ./.venv on a fresh machine (Python 3.10+, pip, a C compiler).
+#   bash scripts/setup.sh        # the package and what `zhiling quickstart` needs
+#   bash scripts/setup.sh dev    # plus everything the test suite needs (QLoRA, server, web UI, GGUF, browser)
+# Where no NVIDIA GPU is present, the CPU build of torch 2.13.0 is installed first, so pip does not pull a
+# multi-GB CUDA build. Re-running is cheap: pip skips what is already installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode="${1:-run}"
+python="${PYTHON:-python3}"
+
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+    [ -x .venv/bin/python ] || "$python" -m venv .venv
+    # shellcheck disable=SC1091
+    . .venv/bin/activate
+fi
+pip install -q --upgrade pip
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+    pip install -q "torch==2.13.0"
+fi
+case "$mode" in
+    run) pip install -q -e . ;;
+    dev)
+        # llama-cpp-python builds from source; a portable (non -march=native) build can be cached and reused.
+        export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"
+        pip install -q -e ".[dev]"
+        if [ -f scripts/install_browser.sh ]; then bash scripts/install_browser.sh; fi
+        ;;
+    *) echo "usage: bash scripts/setup.sh [run|dev]" >&2; exit 2 ;;
+esac
+echo "zhiling is installed in $(dirname "$(dirname "$(command -v python)")")"
