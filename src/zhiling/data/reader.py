@@ -1,6 +1,7 @@
 """Read JSON-lines and JSON-array files row by row, keeping the line each row starts on.
 
-Rows come back as ``RawRow``; a row that cannot be read comes back as a ``DataError`` in its place, so a caller can
+Rows come back as ``RawRow``; a row that cannot be read comes back as a ``DataError`` in its place (with the line's
+text, as well as it could be decoded, in its ``raw`` attribute), so a caller can
 either stop (the default) or record it and go on (``--skip-invalid``). Problems that make the rest of a file
 unreadable (an empty file, a broken JSON array) are raised.
 """
@@ -65,12 +66,15 @@ def iter_jsonl(path: str | Path) -> Iterator[RawRow | DataError]:
             try:
                 text = _decode(data, str(path), number).rstrip("\r\n")
             except DataError as err:
+                err.raw = data.decode("utf-8", errors="replace").rstrip("\r\n")
                 yield err
                 continue
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as exc:
-                yield DataError(f"malformed JSON: {exc.msg} at column {exc.colno}", str(path), number)
+                err = DataError(f"malformed JSON: {exc.msg} at column {exc.colno}", str(path), number)
+                err.raw = text
+                yield err
                 continue
             yield RawRow(str(path), number, value, text)
     if not seen:

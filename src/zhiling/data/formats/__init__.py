@@ -5,7 +5,9 @@ format's options and returns a list of canonical records (usually one; PsyQA wit
 raises ``DataError`` naming the field on a bad row; the caller adds the file and line.
 
 Auto-detection looks at the first rows of a file and picks the first format, in ``FORMAT_MODULES`` order, whose
-``detect`` accepts all of them; formats that read whole files (couplets) detect from the file names instead.
+``detect`` recognises at least one of them and that can read all of them (``detect`` or ``accepts``: a COIG file may
+mix exam rows with plain instruction/output rows); formats that read whole files (couplets) detect from the file
+names instead.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ Reader = Callable[[list[str], dict], Iterator["RawRow | DataError"]]
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "resources" / "examples" / "formats"
 
 
+class OptionError(DataError):
+    """A format option has a bad value: a problem with the whole run, never skipped as a bad row."""
+
+
 def read_json_files(paths: list[str], options: dict) -> Iterator[RawRow | DataError]:
     for path in paths:
         yield from iter_json_rows(path)
@@ -42,6 +48,11 @@ class FormatSpec:
     example: str | None = None  # file (or folder) name under resources/examples/formats
     signature: str = ""  # what detection looks for, in words (shown when a file is detected as this format)
     detect_files: Callable[[list[str]], bool] | None = None  # file-level detection (formats with their own reader)
+    validate: Callable[[dict], Any] | None = None  # checks option values up front (raises OptionError)
+    accepts: Callable[[Any], bool] | None = None  # rows it can read besides detected ones (default: detect)
+
+    def can_read(self, row: Any) -> bool:
+        return bool(self.detect and self.detect(row)) or bool(self.accepts and self.accepts(row))
 
     def check_options(self, options: dict | None) -> dict:
         options = dict(options or {})
@@ -50,8 +61,11 @@ class FormatSpec:
                 close = difflib.get_close_matches(key, list(self.options), n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else (
                     f"; valid options: {', '.join(self.options)}" if self.options else "; it takes no options")
-                raise DataError(f"unknown option '{key}' for format '{self.name}'{hint}")
-        return {**self.defaults, **options}
+                raise OptionError(f"unknown option '{key}' for format '{self.name}'{hint}")
+        merged = {**self.defaults, **options}
+        if self.validate is not None:
+            self.validate(merged)
+        return merged
 
     @property
     def example_path(self) -> Path | None:
@@ -62,7 +76,7 @@ class FormatSpec:
 def option_choice(options: dict, key: str, choices: tuple[str, ...]) -> str:
     value = str(options.get(key)).strip().lower()
     if value not in choices:
-        raise DataError(f"option {key}={options.get(key)!r} is not one of: {', '.join(choices)}")
+        raise OptionError(f"option {key}={options.get(key)!r} is not one of: {', '.join(choices)}")
     return value
 
 
@@ -75,7 +89,7 @@ def option_bool(options: dict, key: str) -> bool:
         return True
     if text in ("false", "no", "0", "off"):
         return False
-    raise DataError(f"option {key}={value!r} must be true or false")
+    raise OptionError(f"option {key}={value!r} must be true or false")
 
 
 def option_mapping(options: dict, key: str, allowed: tuple[str, ...]) -> dict[str, str]:
@@ -92,7 +106,7 @@ def option_mapping(options: dict, key: str, allowed: tuple[str, ...]) -> dict[st
             if not part.strip():
                 continue
             if "=" not in part:
-                raise DataError(f"option {key}: '{part.strip()}' is not of the form name=column "
+                raise OptionError(f"option {key}: '{part.strip()}' is not of the form name=column "
                                 f"(for example {key}=instruction=instruct,input=query,output=answer)")
             name, column = part.split("=", 1)
             pairs[name.strip()] = column.strip()
@@ -100,7 +114,7 @@ def option_mapping(options: dict, key: str, allowed: tuple[str, ...]) -> dict[st
         if name not in allowed:
             close = difflib.get_close_matches(name, list(allowed), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise DataError(f"option {key}: unknown name '{name}'{hint} (names: {', '.join(allowed)})")
+            raise OptionError(f"option {key}: unknown name '{name}'{hint} (names: {', '.join(allowed)})")
     return pairs
 
 

@@ -85,4 +85,5 @@ register(FormatSpec(
                 "'Human: ...' / 'Assistant: ...' turns",
     convert=_convert, detect=_detect, example="belle.jsonl",
     signature="keys input + target, or an instruction made of 'Human:' / 'Assistant:' turns",
+    accepts=lambda row: isinstance(row, dict) and "instruction" in row and "output" in row,
 ))

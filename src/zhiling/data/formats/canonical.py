@@ -38,4 +38,5 @@ register(FormatSpec(
                                "(for predict) may end on a user turn"},
     defaults={"require_answer": True},
     signature="a 'messages' array",
+    validate=lambda o: option_bool(o, "require_answer"),
 ))

@@ -8,10 +8,9 @@ The prompt is the instruction and the input joined by a newline (either may be a
 
 from __future__ import annotations
 
-from zhiling.data.formats import FormatSpec, option_mapping, register
+from zhiling.data.formats import FormatSpec, OptionError, option_mapping, register
 from zhiling.data.formats.alpaca import join_instruction
 from zhiling.data.records import get_str, make_record, pairs_to_messages
-from zhiling.errors import DataError
 
 NAMES = ("instruction", "input", "output", "system")
 DEFAULT_COLUMNS = "instruction=instruct,input=query,output=answer"
@@ -22,9 +21,9 @@ def columns(options: dict) -> dict[str, str]:
     mapping.update(option_mapping(options, "columns", NAMES))
     mapping = {name: column for name, column in mapping.items() if column}
     if "output" not in mapping:
-        raise DataError("option columns: 'output' must name the answer column")
+        raise OptionError("option columns: 'output' must name the answer column")
     if "instruction" not in mapping and "input" not in mapping:
-        raise DataError("option columns: name at least one of 'instruction' and 'input'")
+        raise OptionError("option columns: name at least one of 'instruction' and 'input'")
     return mapping
 
 
@@ -51,4 +50,5 @@ register(FormatSpec(
                         "an empty column (instruction=) means the file has none"},
     defaults={"columns": ""},
     signature="keys instruct + answer (query optional)",
+    validate=columns,
 ))

@@ -68,4 +68,5 @@ register(FormatSpec(
                               "drop: drop that last user turn"},
     defaults={"trailing_user": "error"},
     signature="a 'conversations' array",
+    validate=lambda o: option_choice(o, "trailing_user", ("error", "drop")),
 ))
