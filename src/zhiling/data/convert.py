@@ -228,7 +228,7 @@ def _as_list(inputs: str | os.PathLike | Iterable) -> list[str]:
 
 
 def iter_records(inputs: str | Iterable[str], format: str = "auto", options: dict | None = None, *,
-                 skip_invalid: bool = False, source: str | None = None,
+                 skip_invalid: bool = False, source: str | None = None, default_source: str | None = None,
                  rejected: Callable[[Rejected], Any] | None = None, dedup: bool = False,
                  max_samples: int | None = None, report: ConvertReport | None = None,
                  announce: Callable[[str], Any] | None = _stderr, progress: bool | None = None,
@@ -236,7 +236,7 @@ def iter_records(inputs: str | Iterable[str], format: str = "auto", options: dic
     """Canonical records from raw inputs (file paths, folders for couplets / COIG, or ``hf:NAME[:SPLIT]``).
 
     Records get ``id`` = ``"{source}-{n:06d}"`` (n counts the records of this call from 1) unless the row has its
-    own id, and ``source`` = ``source`` or the row's own or the format name. ``report`` (if given) is filled in as
+    own id, and ``source`` = ``source`` (forced), else the row's own, else ``default_source``, else the format name. ``report`` (if given) is filled in as
     records stream. ``announce`` receives the auto-detection messages (None: silent).
     """
     inputs = _as_list(inputs)
@@ -287,7 +287,7 @@ def iter_records(inputs: str | Iterable[str], format: str = "auto", options: dic
                             continue
                         seen.add(digest)
                     count += 1
-                    record_source = source or record.get("source") or group.spec.name
+                    record_source = source or record.get("source") or default_source or group.spec.name
                     own_id = record.get("id")
                     record["id"] = str(own_id) if own_id not in (None, "") else f"{record_source}-{count:06d}"
                     record["source"] = record_source
