@@ -7,6 +7,7 @@ import importlib
 from zhiling.cli.common import add_group
 
 DATA_COMMAND_MODULES = [
+    "zhiling.cli.data_convert",
     "zhiling.cli.data_inspect",
 ]
 

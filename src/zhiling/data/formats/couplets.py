@@ -123,7 +123,7 @@ register(FormatSpec(
     name="couplets",
     description="couplets (对联): paired in.txt (上联) / out.txt (下联) files or a folder holding both",
     convert=_convert, read=read_couplets, detect_files=_detect_files, example="couplets",
-    options={"prompt": f"the prompt; {{first}} is replaced by the 上联 (default: {DEFAULT_PROMPT!r})"},
+    options={"prompt": "the prompt; {first} is replaced by the 上联"},
     defaults={"prompt": DEFAULT_PROMPT},
     signature="paired in.txt / out.txt files",
     validate=lambda o: _prompt(o),
