@@ -1,0 +1,234 @@
+"""``zhiling eval ...``: reference metrics, multiple choice, the judged category suite, and comparison reports.
+
+Only argument parsing and printing live here; the work is in ``zhiling.eval``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from zhiling.cli.common import add_command, add_group
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------- metrics
+
+def _run_metrics(args) -> int:
+    from zhiling.eval import reference_eval as R
+    from zhiling.eval.predictions import read_predictions
+    from zhiling.eval.progress import progress_bar
+    from zhiling.eval.rundir import write_run
+    from zhiling.eval.tables import markdown_document, print_tables
+
+    predictions = read_predictions(args.pred)
+    labels = R.parse_label_specs(args.labels)
+    specs = R.parse_metric_specs(args.metrics, has_labels=bool(labels))
+    with progress_bar(len(predictions.rows), "scoring", enabled=not args.quiet) as advance:
+        result = R.evaluate(predictions, specs, labels, args.by, progress=advance)
+    rows = R.sort_worst_first(result.rows) if args.worst_first else result.rows
+    tables = R.metrics_tables(result.summary)
+    out = write_run(args.output, "metrics", summary=result.summary, rows=rows,
+                    markdown=markdown_document(f"Reference metrics: {args.pred}", tables),
+                    inputs=[str(args.pred)], name=args.name,
+                    options={"metrics": [str(s) for s in specs], "labels": result.summary["labels"], "by": args.by,
+                             "worst_first": args.worst_first})
+    print_tables(tables)
+    overall = result.summary["overall"]
+    if result.summary["unused_metrics"]:
+        _warn(f"no row was scored with: {', '.join(result.summary['unused_metrics'])} (check the task names)")
+    if overall["without_reference"]:
+        _warn(f"{overall['without_reference']} row(s) have no reference and were not scored (listed in rows.jsonl)")
+    if overall.get("out_of_set"):
+        _warn(f"{overall['out_of_set']} prediction(s) are not in the label set (counted wrong)")
+    if overall.get("entity_malformed"):
+        _warn(f"{overall['entity_malformed']} malformed entity line(s) in predictions (counted as wrong entities)")
+    print(f"wrote {out}/summary.json, {out}/summary.md and {out}/rows.jsonl"
+          f"{' (worst rows first)' if args.worst_first else ''}")
+    return 0
+
+
+def _register_metrics(group) -> None:
+    parser = add_command(
+        group, "metrics", func=_run_metrics, help="score predictions against references",
+        description="""
+        Score a prediction file (jsonl rows with prompt, output and reference, as `zhiling predict` writes)
+        with reference metrics: exact match (em), character-level F1 (f1), ROUGE-L (rouge_l) and BLEU-4 (bleu4),
+        all on characters for Chinese and words for English; label accuracy with a closed label set (accuracy);
+        entity precision / recall / F1 over 实体_类型 lines (entity); and the bundled-data task scorer (bundled).
+        A metric written TASK:NAME applies only to rows of that task. Writes a RUN_DIR: run.json, summary.json,
+        summary.md and rows.jsonl (per-row scores).""",
+        examples="""
+        zhiling eval metrics --pred preds.jsonl -o runs/eval/base
+        zhiling eval metrics --pred preds.jsonl --metrics accuracy --labels 积极,消极 -o runs/eval/sent
+        zhiling eval metrics --pred ner.jsonl --metrics entity,em --worst-first -o runs/eval/ner
+        zhiling eval metrics --pred bundled.jsonl --by task \\
+            --metrics em,f1,ner:entity,sentiment:accuracy,bundled --labels sentiment=积极,消极 -o runs/eval/lora
+        """)
+    parser.add_argument("--pred", required=True, metavar="PRED.jsonl", help="prediction file")
+    parser.add_argument("--metrics", metavar="LIST",
+                        help="comma-separated metrics, each NAME or TASK:NAME (default: em,f1,rouge_l,bleu4, "
+                             "plus accuracy when --labels is given)")
+    parser.add_argument("--labels", action="append", metavar="[TASK=]A,B,...",
+                        help="label set for accuracy; repeat with TASK= for one set per task")
+    parser.add_argument("--by", choices=["task"], help="also report every metric per task")
+    parser.add_argument("--worst-first", action="store_true",
+                        help="write rows.jsonl sorted by each row's mean score, lowest first")
+    parser.add_argument("--name", help="run name shown in reports (default: the output folder name)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="run folder to write")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+# --------------------------------------------------------------------------------------------------- judge
+
+def _parse_answer_specs(specs: list[str]) -> list[tuple[str, str]]:
+    from pathlib import Path
+
+    from zhiling.errors import ZhilingError
+
+    pairs = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).stem, spec
+        if not name.strip() or not path.strip():
+            raise ZhilingError(f"--answers {spec!r}: expected NAME=PRED.jsonl")
+        pairs.append((name.strip(), path.strip()))
+    return pairs
+
+
+def _run_judge(args) -> int:
+    import os
+
+    from zhiling.errors import ZhilingError
+    from zhiling.eval import judge as J
+    from zhiling.eval.predictions import read_predictions
+    from zhiling.eval.progress import progress_bar
+    from zhiling.eval.rundir import write_run
+    from zhiling.eval.suite import answers_from_predictions, load_suite
+    from zhiling.eval.tables import markdown_document, print_tables
+    from zhiling.paths import cache_root
+
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+    suite = load_suite(args.suite, categories, args.limit)
+    systems = []
+    for name, path in _parse_answer_specs(args.answers):
+        answers = answers_from_predictions(name, read_predictions(path), suite)
+        for message in answers.warnings:
+            _warn(message)
+        systems.append(answers)
+    api_key = os.environ.get(args.api_key_env)
+    if not api_key:
+        print(f"note: ${args.api_key_env} is not set; sending a placeholder key (fine for a local server)",
+              file=sys.stderr)
+    client = J.OpenAIJudge(args.judge_url, args.judge_model, api_key or "EMPTY", timeout=args.timeout,
+                           max_retries=args.http_retries)
+    cache_dir = None if args.no_cache else (args.cache_dir or cache_root() / "judge")
+    cache = J.JudgeCache(cache_dir)
+    with progress_bar(len(suite), "judging", enabled=not args.quiet) as advance:
+        run = J.run_judge(client, suite, systems, cache=cache, retries=args.retries, concurrency=args.concurrency,
+                          retry_unparsed=args.retry_unparsed, progress=advance)
+    board = J.leaderboard(run.items, run.systems)
+    tables = [J.ranking_table(board, run.systems), J.leaderboard_table(board, run.systems)]
+    counts = {"items": len(run.items), "requests": run.requests, "cached": run.cached, **run.counts}
+    summary = {"judge_model": args.judge_model, "judge_url": args.judge_url, "rubric_version": J.RUBRIC_VERSION,
+               "suite": str(args.suite), "systems": [{"name": s.name, "source": s.source} for s in systems],
+               "leaderboard": board, "counts": counts}
+    out = write_run(args.output, "judge", summary=summary, rows=run.items, name=args.name,
+                    markdown=markdown_document(f"Judge: {args.judge_model} on suite {args.suite}", tables),
+                    inputs=[s.source for s in systems],
+                    options={"categories": categories, "limit": args.limit, "retries": args.retries,
+                             "cache_dir": str(cache_dir) if cache_dir else None})
+    print_tables(tables)
+    print(f"{run.requests} judge request(s) sent, {run.cached} of {len(run.items)} prompt(s) answered from the cache")
+    if run.counts.get("unparsed"):
+        _warn(f"{run.counts['unparsed']} prompt(s) marked unparsed: the judge never answered in the required format "
+              f"(left out of the means; see rows.jsonl, re-ask with --retry-unparsed)")
+    print(f"wrote {out}/summary.json, {out}/summary.md and {out}/rows.jsonl")
+    if run.counts.get("error"):
+        raise ZhilingError(f"{run.counts['error']} judge request(s) failed (see 'reason' in {out}/rows.jsonl); "
+                           "run the same command again to retry them, judged prompts come from the cache")
+    return 0
+
+
+def _register_judge(group) -> None:
+    parser = add_command(
+        group, "judge", func=_run_judge, help="have a judge model score systems on the category suite",
+        description="""
+        Score the answers of one or more systems on a judged category suite (the bundled one has 9 categories x
+        10 Chinese prompts: knowledge, translation, writing, sentiment, reading, culture, code, safety, math).
+        A judge model behind any OpenAI-compatible endpoint sees all systems' answers side by side and gives each
+        an integer 0-10 under a fixed rubric. Malformed judge answers are retried, then marked unparsed (never
+        guessed). Judge answers are cached, so a re-run sends no request. Writes a RUN_DIR with the leaderboard.""",
+        examples="""
+        zhiling eval suite-prompts -o suite.jsonl
+        zhiling predict --model M --input suite.jsonl --output base.jsonl
+        zhiling predict --model M --adapter runs/lora --input suite.jsonl --output lora.jsonl
+        export OPENAI_API_KEY=sk-...
+        zhiling eval judge --answers base=base.jsonl --answers lora=lora.jsonl \\
+            --judge-url https://api.openai.com/v1 --judge-model gpt-4o -o runs/judge
+        zhiling eval judge --answers lora.jsonl --judge-url http://127.0.0.1:8000/v1 --judge-model qwen \\
+            --categories code,math --limit 3 -o runs/judge-quick
+        """)
+    parser.add_argument("--suite", default="bundled", metavar="bundled|FILE", help="suite jsonl (default: bundled)")
+    parser.add_argument("--answers", action="append", required=True, metavar="NAME=PRED.jsonl",
+                        help="one system's prediction file, matched to the suite by id (repeat per system)")
+    parser.add_argument("--judge-url", required=True, metavar="URL",
+                        help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    parser.add_argument("--judge-model", required=True, metavar="MODEL", help="model name at that endpoint")
+    parser.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                        help="environment variable holding the API key (default: OPENAI_API_KEY)")
+    parser.add_argument("--categories", metavar="LIST", help="only these comma-separated categories")
+    parser.add_argument("--limit", type=int, metavar="N", help="only the first N prompts of each category")
+    parser.add_argument("--retries", type=int, default=2, metavar="N",
+                        help="re-ask a malformed judge answer up to N times (default 2)")
+    parser.add_argument("--concurrency", type=int, default=4, metavar="N", help="parallel requests (default 4)")
+    parser.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds per request (default 120)")
+    parser.add_argument("--http-retries", type=int, default=2, metavar="N",
+                        help="client retries on connection / server errors (default 2)")
+    parser.add_argument("--cache-dir", metavar="DIR", help="judge cache folder (default: ~/.cache/zhiling/judge)")
+    parser.add_argument("--no-cache", action="store_true", help="neither read nor write the judge cache")
+    parser.add_argument("--retry-unparsed", action="store_true",
+                        help="ask again for prompts whose cached judge answer was unparsed")
+    parser.add_argument("--name", help="run name shown in reports (default: the output folder name)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="run folder to write")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _run_suite_prompts(args) -> int:
+    from zhiling.eval.suite import load_suite, write_suite_prompts
+
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+    items = load_suite(args.suite, categories, args.limit)
+    path = write_suite_prompts(items, args.output)
+    print(f"wrote {len(items)} prompt(s) in {len({i.category for i in items})} categories to {path}")
+    return 0
+
+
+def _register_suite_prompts(group) -> None:
+    parser = add_command(
+        group, "suite-prompts", func=_run_suite_prompts, help="export the judged suite's prompts for predict",
+        description="""
+        Write the prompts of a judged suite as canonical prompt-only records (one user turn, with the suite id
+        and category), ready for `zhiling predict --input`. The ids carry through to the prediction file, which
+        is how `zhiling eval judge --answers` matches answers to prompts.""",
+        examples="""
+        zhiling eval suite-prompts -o suite.jsonl
+        zhiling eval suite-prompts --categories culture,safety --limit 5 -o small.jsonl
+        zhiling eval suite-prompts --suite my_suite.jsonl -o my_prompts.jsonl
+        """)
+    parser.add_argument("--suite", default="bundled", metavar="bundled|FILE", help="suite jsonl (default: bundled)")
+    parser.add_argument("--categories", metavar="LIST", help="only these comma-separated categories")
+    parser.add_argument("--limit", type=int, metavar="N", help="only the first N prompts of each category")
+    parser.add_argument("-o", "--output", required=True, metavar="PROMPTS.jsonl", help="file to write")
+
+
+def register(sub) -> None:
+    group = add_group(sub, "eval", help="evaluate predictions: metrics, multiple choice, judged suite, reports",
+                      description="Score predictions against references, run multiple-choice benchmarks, have a "
+                                  "judge model grade a bundled category suite, and compare runs in one report.")
+    _register_metrics(group)
+    _register_judge(group)
+    _register_suite_prompts(group)
