@@ -1,0 +1,167 @@
+"""Base model + LoRA adapter -> one merged safetensors folder that plain transformers (and vLLM) loads.
+
+The folder carries everything inference needs: sharded weights, the tokenizer with the training template written
+as its chat template, ``zhiling_template.json`` (so zhiling itself reads the template back), and a
+``generation_config.json`` whose EOS ids are the template's stop tokens (so ``model.generate`` stops where the
+training answers ended).
+
+A QLoRA adapter is merged into the full-precision base: the base is always loaded unquantized (float32 while
+merging), the adapter applied, and the low-rank product added into the weights. The merged model therefore
+differs from the 4-bit training model only by the base's quantization error, not by the adapter's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from zhiling.config import ModelConfig
+from zhiling.data.templates import resolve_template, save_template_record
+from zhiling.errors import ZhilingError
+from zhiling.models.loader import ModelSource, load_model, load_tokenizer, model_type_of, resolve_source
+
+console = Console(stderr=True)
+
+OUTPUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+MERGE_RECORD = "zhiling_merge.json"
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    folder: Path
+    template: object  # Template | TokenizerTemplate
+    template_origin: str
+    dtype: str
+
+
+def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Refuse to write into an existing non-empty folder unless ``overwrite``; refuse a file in the way."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ZhilingError(f"output: {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ZhilingError(f"output: folder {out} is not empty; choose a new folder or pass --overwrite")
+    return out
+
+
+def check_adapter_dir(adapter: str | Path) -> Path:
+    path = Path(adapter).expanduser()
+    if not path.is_dir():
+        raise ZhilingError(f"adapter: folder not found: {adapter}")
+    if not (path / "adapter_config.json").is_file():
+        hint = (" (it looks like a merged model: pass it as --model)" if (path / "config.json").is_file() else "")
+        raise ZhilingError(f"adapter: {adapter} has no adapter_config.json{hint}")
+    return path
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB', '500MB', '1.5GiB' or a number of bytes -> bytes."""
+    if isinstance(text, int):
+        size = text
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+        unit = match.group(2).upper() if match else None
+        if not match or unit not in _SIZE_UNITS:
+            raise ZhilingError(f"shard size: '{text}' is not a size such as 2GB, 500MB or 1.5GiB")
+        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise ZhilingError(f"shard size: '{text}' must be more than 0 bytes")
+    return size
+
+
+def stored_dtype(source: ModelSource, trust_remote_code: bool = False) -> str:
+    """The dtype the base checkpoint is stored in (config ``dtype`` / ``torch_dtype``), float32 when unknown."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return "float32"
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(dtype).replace("torch.", "") if dtype is not None else ""
+    return name if name in OUTPUT_DTYPES[1:] else "float32"
+
+
+def _adapter_tokenizer(adapter: Path | None, cfg: ModelConfig, source: ModelSource):
+    """The adapter's own tokenizer when training saved one beside it (it may have added tokens), else the base's."""
+    if adapter is not None and any((adapter / name).is_file() for name in _TOKENIZER_FILES):
+        return load_tokenizer(ModelConfig(name_or_path=str(adapter), trust_remote_code=cfg.trust_remote_code),
+                              ModelSource(str(adapter), "folder", str(adapter)))
+    return load_tokenizer(cfg, source)
+
+
+def write_model_folder(model_cfg: ModelConfig, out_dir: str | Path, *, adapter: str | Path | None = None,
+                       template: str | None = None, system: str | None = None, dtype: str = "auto",
+                       shard_size: str = "2GB", overwrite: bool = False) -> MergeResult:
+    """Load the base (+ ``adapter``, merged), write weights, tokenizer, chat template and records to ``out_dir``.
+
+    The folder is written aside and renamed into place, so a killed run never leaves a half folder that looks
+    complete."""
+    import torch
+
+    if dtype not in OUTPUT_DTYPES:
+        raise ZhilingError(f"dtype: '{dtype}' is not one of {', '.join(OUTPUT_DTYPES)}")
+    shard_bytes = parse_size(shard_size)
+    out = check_output_dir(out_dir, overwrite)
+    adapter_dir = check_adapter_dir(adapter) if adapter is not None else None
+    source = resolve_source(model_cfg)
+    target = stored_dtype(source, model_cfg.trust_remote_code) if dtype == "auto" else dtype
+
+    tokenizer = _adapter_tokenizer(adapter_dir, model_cfg, source)
+    model_type = model_type_of(source, model_cfg.trust_remote_code)
+    chosen, origin = resolve_template(template, tokenizer, model_type, adapter=adapter_dir,
+                                      model_dir=source.path if source.kind != "hub" else None, system=system)
+
+    merge_cfg = model_cfg.model_copy(update={"dtype": "float32",
+                                             "device": "cpu" if model_cfg.device == "auto" else model_cfg.device})
+    with console.status(f"Loading {source.origin}" + (f" + adapter {adapter_dir}" if adapter_dir else "")):
+        model = load_model(merge_cfg, None, adapter=str(adapter_dir) if adapter_dir else None, source=source)
+    if adapter_dir is not None:
+        with console.status("Merging the adapter into the weights"):
+            model = model.merge_and_unload()
+    model = model.to(getattr(torch, target))
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        raise ZhilingError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+                           f"{model.get_input_embeddings().weight.shape[0]} rows; the adapter's tokenizer does not "
+                           f"belong to this base model")
+
+    chosen.apply_to_tokenizer(tokenizer)
+    stop_ids = chosen.stop_token_ids(tokenizer)
+    if stop_ids:
+        model.generation_config.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
+    if tokenizer.pad_token_id is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model.config, "quantization_config", None) is not None:  # never claim a quantization we undid
+        delattr(model.config, "quantization_config")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with console.status(f"Writing {out} ({target}, shards of at most {shard_size})"):
+        model.save_pretrained(str(tmp), max_shard_size=shard_bytes)
+        tokenizer.save_pretrained(str(tmp))
+        save_template_record(chosen, tmp)
+        record = {"base_model": source.origin, "adapter": str(adapter_dir) if adapter_dir else None,
+                  "dtype": target, "template": getattr(chosen, "name", None), "template_origin": origin,
+                  "stop_token_ids": stop_ids}
+        (tmp / MERGE_RECORD).write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return MergeResult(out, chosen, origin, target)
+
+
+def merge_adapter(model_cfg: ModelConfig, adapter: str | Path, out_dir: str | Path, **kwargs) -> MergeResult:
+    """``zhiling merge``: base + adapter -> merged folder (see ``write_model_folder`` for the options)."""
+    return write_model_folder(model_cfg, out_dir, adapter=adapter, **kwargs)
