@@ -114,7 +114,7 @@ def detect_rows(values: list[Any], where: str) -> Detection:
         looks = ", ".join(f"row {number} looks like {name or 'no known format'}" for name, number in firsts.items())
         raise DataError(f"cannot detect the format: the first rows disagree ({looks}); keys seen: "
                         f"{_keys_seen(values)}. Give --format explicitly. Known formats: {_known_formats()}", where)
-    raise DataError(f"cannot detect the format: no known format has these keys: {_keys_seen(values)}. "
+    raise DataError(f"cannot detect the format: no known format matches the rows (keys seen: {_keys_seen(values)}). "
                     f"Give --format explicitly (the instruct format with --option columns=... maps any column "
                     f"names). Known formats: {_known_formats()}", where)
 
@@ -236,8 +236,9 @@ def iter_records(inputs: str | Iterable[str], format: str = "auto", options: dic
     """Canonical records from raw inputs (file paths, folders for couplets / COIG, or ``hf:NAME[:SPLIT]``).
 
     Records get ``id`` = ``"{source}-{n:06d}"`` (n counts the records of this call from 1) unless the row has its
-    own id, and ``source`` = ``source`` (forced), else the row's own, else ``default_source``, else the format name. ``report`` (if given) is filled in as
-    records stream. ``announce`` receives the auto-detection messages (None: silent).
+    own id, and ``source`` = ``source`` (forced), else the row's own, else ``default_source``, else the format
+    name. ``report`` (if given) is filled in as records stream. ``announce`` receives the auto-detection messages
+    and, with ``skip_invalid`` but no ``rejected`` callback, one line per skipped row (None: silent).
     """
     inputs = _as_list(inputs)
     if not inputs:
@@ -254,8 +255,7 @@ def iter_records(inputs: str | Iterable[str], format: str = "auto", options: dic
             report.formats[group.label] = group.spec.name
             if group.detection and announce is not None:
                 announce(f"detected format '{group.spec.name}' for {group.label}: {group.detection}")
-            require_answer = option_bool(group_options, "require_answer") if "require_answer" in group_options \
-                else True
+            require_answer = option_bool(group_options, "require_answer") if "require_answer" in group_options else True
             for row in group.rows:
                 report.rows_read += 1
                 bar.advance(getattr(row, "raw", None))

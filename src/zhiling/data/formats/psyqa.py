@@ -66,5 +66,6 @@ register(FormatSpec(
                             "description; drop: question only"},
     defaults={"answers": "first", "description": "append"},
     signature="a 'question' and an 'answers' array",
-    validate=lambda o: (option_choice(o, "answers", ("first", "all")), option_choice(o, "description", tuple(SEPARATORS))),
+    validate=lambda o: (option_choice(o, "answers", ("first", "all")),
+                        option_choice(o, "description", tuple(SEPARATORS))),
 ))
