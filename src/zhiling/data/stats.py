@@ -106,7 +106,9 @@ def plot_histogram(stats: LengthStats, path: str, title: str = "") -> str:
               if tokens else [("prompt", stats.prompt_chars), ("response", stats.response_chars)])
     fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.6))
     for ax, (name, values) in zip(axes, series):
-        ax.hist(values, bins=min(50, max(5, len(set(values)))), color="#3b7dd8", edgecolor="white")
+        low, high = min(values), max(values)
+        bins = [x - 0.5 for x in range(low, high + 2)] if high - low <= 60 else 50  # one bar per length when few
+        ax.hist(values, bins=bins, color="#3b7dd8", edgecolor="white")
         ax.set_title(f"{name} length")
         ax.set_xlabel(unit)
         ax.set_ylabel("rows")
