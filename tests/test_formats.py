@@ -399,3 +399,11 @@ def test_unknown_format_and_option():
         get_format("psyqa").check_options({"answer": "all"})
     with pytest.raises(DataError, match="it takes no options"):
         get_format("alpaca").check_options({"x": "1"})
+
+
+def test_folder_of_plain_json_is_not_taken_for_coig(tmp_path):
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"instruction": "问", "output": "答"}])
+    with pytest.raises(DataError, match="is a folder"):
+        list(iter_records(str(folder), announce=None))

@@ -176,8 +176,22 @@ def _detect(row) -> bool:
                                       or any(_ROUND.match(str(key)) for key in row))
 
 
+def _folder_looks_like_coig(folder: Path) -> bool:
+    """A folder whose first .json / .jsonl file starts with a COIG row (an unpacked counterfactual archive)."""
+    first = next(iter(sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in (".json", ".jsonl"))),
+                 None)
+    if first is None:
+        return False
+    try:
+        row = next(iter(_read_file(first)), None)
+    except DataError:
+        return False
+    return isinstance(row, RawRow) and _detect(row.value)
+
+
 def _detect_files(paths: list[str]) -> bool:
-    return bool(paths) and all(_is_archive(Path(p)) or Path(p).is_dir() for p in paths)
+    return bool(paths) and all(_is_archive(Path(p)) or (Path(p).is_dir() and _folder_looks_like_coig(Path(p)))
+                               for p in paths)
 
 
 register(FormatSpec(
