@@ -225,6 +225,143 @@ def _register_suite_prompts(group) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="PROMPTS.jsonl", help="file to write")
 
 
+# --------------------------------------------------------------------------------------------------- compare
+
+def _run_compare(args) -> int:
+    from zhiling.eval.report import build_report, write_report
+    from zhiling.eval.rundir import read_run
+
+    runs = [read_run(path) for path in args.runs]
+    report = build_report(runs, samples=args.samples, seed=args.seed, pick=args.pick,
+                          chart_metric=args.chart_metric, title=args.title)
+    markdown, page = write_report(report, args.output)
+    charts = sum(len(section.charts) for section in report.sections)
+    print(f"compared {len(runs)} run(s): wrote {markdown}, {page} and {charts} chart(s) in {markdown.parent}/charts")
+    return 0
+
+
+def _register_compare(group) -> None:
+    parser = add_command(
+        group, "compare", func=_run_compare, help="compare eval runs in a Markdown + HTML report",
+        description="""
+        Read RUN_DIRs written by `zhiling eval metrics`, `eval judge` and `eval mc` and write REPORT_DIR/report.md
+        (charts in REPORT_DIR/charts) and a self-contained REPORT_DIR/report.html (charts embedded): metric
+        tables, per-task / per-category / per-subject bar charts, and the answers of every run (or every judged
+        system) side by side for a sample of rows, matched by id. Put the base run first.""",
+        examples="""
+        zhiling eval compare runs/eval/base runs/eval/lora -o reports/base-vs-lora
+        zhiling eval compare runs/eval/base runs/eval/lora --pick diff --samples 10 -o reports/diff
+        zhiling eval compare runs/judge runs/mc-base runs/mc-lora --chart-metric f1 -o reports/all
+        """)
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders written by zhiling eval commands")
+    parser.add_argument("-o", "--output", required=True, metavar="REPORT_DIR", help="folder to write the report to")
+    parser.add_argument("--samples", type=int, default=5, metavar="N",
+                        help="rows shown side by side per section (default 5; 0 for none)")
+    parser.add_argument("--pick", choices=["random", "diff"], default="random",
+                        help="which rows: a seeded random sample, or those whose scores differ most between "
+                             "runs / systems (default random)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the random sample (default 0)")
+    parser.add_argument("--chart-metric", metavar="KEY",
+                        help="metric charted per task: em, f1, rouge_l, bleu4, entity_f1, accuracy, bundled "
+                             "(default: the first the runs have)")
+    parser.add_argument("--title", default="zhiling evaluation report", help="report title")
+
+
+# --------------------------------------------------------------------------------------------------- mc
+
+def _option_scorer(args):
+    """The model side of `eval mc`: ``zhiling.infer.scoring.load_option_scorer(model, adapter)`` returns a
+    ``score_options(prompts, options) -> log-likelihoods`` callable (see zhiling.eval.mc)."""
+    import importlib.util
+
+    from zhiling.errors import ZhilingError
+
+    if importlib.util.find_spec("zhiling.infer.scoring") is None:
+        raise ZhilingError("scoring options with a model needs zhiling.infer.scoring, which this build does not "
+                           "have yet; --print-prompts N shows the prompts without a model")
+    from zhiling.infer.scoring import load_option_scorer
+
+    return load_option_scorer(model=args.model, adapter=args.adapter)
+
+
+def _run_mc(args) -> int:
+    from zhiling.eval import mc
+    from zhiling.eval.progress import progress_bar
+    from zhiling.eval.rundir import write_run
+    from zhiling.eval.tables import markdown_document, print_tables
+
+    data = [mc.bundled_sample_dir() if item == "bundled" else item for item in args.data]
+    subjects_filter = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
+    subjects = mc.read_mc(data, subjects_filter, args.limit)
+    dev = mc.read_mc([args.dev]) if args.dev else None
+    if args.print_prompts is not None:
+        shown = 0
+        for name, subject in subjects.items():
+            for question in subject.questions:
+                if shown >= args.print_prompts:
+                    return 0
+                lang = mc.question_lang(question, args.lang)
+                shots = mc.pick_shots(question, args.shots, dev.get(name) if dev else None, subject)
+                letters = [mc.letter_continuation(letter, lang) for letter in question.letters]
+                print(f"===== {question.id} (answer {question.answer}; options scored: {letters})")
+                print(mc.build_prompt(question, subject, shots, lang))
+                shown += 1
+        return 0
+    if not args.output:
+        from zhiling.errors import ZhilingError
+
+        raise ZhilingError("-o OUT_DIR is required (unless --print-prompts)")
+    scorer = _option_scorer(args)
+    total = sum(len(s.questions) for s in subjects.values())
+    with progress_bar(total, "scoring options", enabled=not args.quiet) as advance:
+        result = mc.evaluate_mc(subjects, scorer, shots=args.shots, dev=dev, lang=args.lang,
+                                option_text=args.option_text, batch_size=args.batch_size, progress=advance)
+    options = {"shots": args.shots, "lang": args.lang, "option_text": args.option_text, "model": args.model,
+               "adapter": args.adapter, "dev": args.dev}
+    tables = mc.mc_tables(result.summary)
+    out = write_run(args.output, "mc", summary={**result.summary, **options}, rows=result.rows, name=args.name,
+                    markdown=markdown_document("Multiple choice", tables), inputs=[str(p) for p in data],
+                    options=options)
+    print_tables(tables)
+    print(f"wrote {out}/summary.json, {out}/summary.md and {out}/rows.jsonl")
+    return 0
+
+
+def _register_mc(group) -> None:
+    parser = add_command(
+        group, "mc", func=_run_mc, help="multiple-choice benchmarks (C-Eval, CMMLU, MMLU style)",
+        description="""
+        Score multiple-choice questions by the log-likelihood the model gives each option letter (and, with
+        --option-text, each option's text, normalized by its length). Reads C-Eval, CMMLU and MMLU style CSV
+        files or jsonl, one file per subject; reports accuracy per subject, overall, macro and per category
+        (from a C-Eval style subject_mapping.json). Zero-shot by default; --shots K puts K solved examples of
+        the same subject first (from --dev, else the subject's other questions). `bundled` is a small sample
+        written for zhiling (5 subjects x 10 questions).""",
+        examples="""
+        zhiling eval mc --print-prompts 2 --shots 1            # look at the prompts, no model needed
+        zhiling eval mc --model runs/merged -o runs/mc-merged   # the bundled sample
+        zhiling eval mc --data ceval/val --dev ceval/dev --shots 5 --model M --adapter runs/lora -o runs/ceval
+        zhiling eval mc --data mmlu/test --dev mmlu/dev --shots 5 --lang en --model M -o runs/mmlu
+        """)
+    parser.add_argument("--data", nargs="+", default=["bundled"], metavar="PATH",
+                        help="files or folders of per-subject files, or 'bundled' (default)")
+    parser.add_argument("--dev", metavar="DIR", help="folder with the few-shot examples per subject")
+    parser.add_argument("--shots", type=int, default=0, metavar="K", help="few-shot examples per question")
+    parser.add_argument("--lang", choices=["auto", "zh", "en"], default="auto",
+                        help="instruction language (auto: Chinese when the question has Chinese characters)")
+    parser.add_argument("--option-text", action="store_true", help="also score the option texts")
+    parser.add_argument("--subjects", metavar="LIST", help="only these comma-separated subjects")
+    parser.add_argument("--limit", type=int, metavar="N", help="only the first N questions of each subject")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="questions per scoring call")
+    parser.add_argument("--print-prompts", type=int, metavar="N", help="print the first N prompts and stop")
+    parser.add_argument("--model", help="model to score with (hub id, folder or GGUF; default: the default model)")
+    parser.add_argument("--adapter", metavar="DIR", help="LoRA adapter folder")
+    parser.add_argument("--name", help="run name shown in reports (default: the output folder name)")
+    parser.add_argument("-o", "--output", metavar="OUT_DIR", help="run folder to write (required unless "
+                        "--print-prompts)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
 def register(sub) -> None:
     group = add_group(sub, "eval", help="evaluate predictions: metrics, multiple choice, judged suite, reports",
                       description="Score predictions against references, run multiple-choice benchmarks, have a "
@@ -232,3 +369,5 @@ def register(sub) -> None:
     _register_metrics(group)
     _register_judge(group)
     _register_suite_prompts(group)
+    _register_mc(group)
+    _register_compare(group)

@@ -252,17 +252,17 @@ def headline(summary_part: dict) -> dict[str, float]:
     return {k: summary_part[k] for k in keys if k in summary_part}
 
 
-_COLUMN_NAMES = {"em": "EM", "f1": "F1", "rouge_l": "ROUGE-L", "bleu4": "BLEU-4", "entity_f1": "entity F1",
+COLUMN_NAMES = {"em": "EM", "f1": "F1", "rouge_l": "ROUGE-L", "bleu4": "BLEU-4", "entity_f1": "entity F1",
                  "accuracy": "accuracy", "bundled": "bundled"}
 
 
 def metrics_tables(summary: dict) -> list[Table]:
     """Headline table (overall and one line per group), then per-type and per-label detail when present."""
     parts = [("overall", summary["overall"])] + list(summary["groups"].items())
-    keys = [k for k in _COLUMN_NAMES if any(k in part for _, part in parts)]
+    keys = [k for k in COLUMN_NAMES if any(k in part for _, part in parts)]
     extras = [k for k in ("entity_malformed", "out_of_set") if any(k in part for _, part in parts)]
     extra_names = {"entity_malformed": "malformed", "out_of_set": "out of set"}
-    main = Table("Reference metrics (%)", ["group", "rows", "no ref"] + [_COLUMN_NAMES[k] for k in keys]
+    main = Table("Reference metrics (%)", ["group", "rows", "no ref"] + [COLUMN_NAMES[k] for k in keys]
                  + [extra_names[k] for k in extras],
                  note="scores are percentages; entity F1 is micro over all rows; BLEU-4 is the mean sentence BLEU")
     for name, part in parts:
