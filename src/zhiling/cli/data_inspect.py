@@ -20,10 +20,10 @@ def _tokenizer_and_template(model: str | None, template_name: str | None, system
 
 
 def _records(names, registry, format, max_samples=None):
-    from zhiling.data.registry import load_records
+    from zhiling.data.registry import iter_mixed_records
 
-    return load_records(names, registry, format, max_samples, announce=lambda message: print(message,
-                                                                                             file=sys.stderr))
+    return iter_mixed_records(names, registry, format, max_samples,
+                              announce=lambda message: print(message, file=sys.stderr))
 
 
 def _fmt(value) -> str:

@@ -23,7 +23,7 @@ import random
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -255,45 +255,67 @@ def apply_weight(records: list[dict], weight: float, rng: random.Random) -> list
 
 
 def load_records(names: Iterable[str], registry_path: str | Path | None = None, format: str = "auto",
-                 max_samples: int | None = None, seed: int = 42, *, dedup: bool = False, skip_invalid: bool = False,
-                 rejected: Callable[[Rejected], Any] | None = None, base_dir: str | Path | None = None,
-                 mix_report: list[MixEntry] | None = None,
-                 announce: Callable[[str], Any] | None = None) -> list[dict]:
-    """Canonical records of several datasets mixed by weight (see the module docstring).
+                 max_samples: int | None = None, seed: int = 42, **kwargs: Any) -> list[dict]:
+    """``iter_mixed_records`` as a list (for small data; training streams)."""
+    return list(iter_mixed_records(names, registry_path, format, max_samples, seed, **kwargs))
 
-    ``max_samples`` caps every dataset (the smaller of it and the entry's own). ``dedup`` removes exact duplicates
-    (same system + messages) across all datasets before weighting. ``mix_report`` (a list) receives one
-    ``MixEntry`` per dataset.
+
+def iter_mixed_records(names: Iterable[str], registry_path: str | Path | None = None, format: str = "auto",
+                       max_samples: int | None = None, seed: int = 42, *, dedup: bool = False,
+                       skip_invalid: bool = False, rejected: Callable[[Rejected], Any] | None = None,
+                       base_dir: str | Path | None = None, mix_report: list[MixEntry] | None = None,
+                       announce: Callable[[str], Any] | None = None) -> Iterator[dict]:
+    """Canonical records of several datasets mixed by weight (see the module docstring), streamed.
+
+    A dataset with weight 1 streams row by row (constant memory); one with another weight is held in memory to be
+    sampled. ``max_samples`` caps every dataset (the smaller of it and the entry's own). ``dedup`` removes exact
+    duplicates (same system + messages) across all datasets before weighting. ``mix_report`` (a list) receives one
+    ``MixEntry`` per dataset once that dataset has been read.
     """
     announce = announce if announce is not None else (lambda message: print(message, file=sys.stderr))
     seen: set[bytes] = set()
-    mixed: list[dict] = []
     for dataset in resolve_datasets(names, registry_path, format, base_dir):
         caps = [cap for cap in (dataset.max_samples, max_samples) if cap is not None]
         report = ConvertReport()
-        try:
-            records = list(iter_records(
-                dataset.inputs, dataset.format, dataset.options, skip_invalid=skip_invalid, source=dataset.source,
-                default_source=dataset.name, rejected=rejected, max_samples=min(caps) if caps else None,
-                report=report, announce=announce, hf_split=dataset.split, hf_config=dataset.hf_config))
-        except DataError as err:
-            where = f" from {dataset.registry}" if dataset.registry else ""
-            raise DataError(f"{err.reason} [dataset '{dataset.name}'{where}]", err.path, err.line, err.field) from None
+        stream = iter_records(
+            dataset.inputs, dataset.format, dataset.options, skip_invalid=skip_invalid, source=dataset.source,
+            default_source=dataset.name, rejected=rejected, max_samples=min(caps) if caps else None,
+            report=report, announce=announce, hf_split=dataset.split, hf_config=dataset.hf_config)
+        stream = _located(stream, dataset)
         if dedup:
-            unique = []
-            for record in records:
-                digest = record_digest(record)
-                if digest in seen:
-                    report.duplicates += 1
-                    continue
-                seen.add(digest)
-                unique.append(record)
-            records = unique
-        taken = apply_weight(records, dataset.weight, random.Random(f"{seed}:{dataset.name}"))
-        if records and not taken:
-            announce(f"warning: dataset '{dataset.name}' contributes no rows (weight {dataset.weight} x "
-                     f"{len(records)} rows rounds to 0)")
+            stream = _unique(stream, seen, report)
+        if dataset.weight == 1:
+            count = 0
+            for record in stream:
+                count += 1
+                yield record
+            taken = count
+        else:
+            records = list(stream)
+            chosen = apply_weight(records, dataset.weight, random.Random(f"{seed}:{dataset.name}"))
+            count, taken = len(records), len(chosen)
+            if records and not chosen:
+                announce(f"warning: dataset '{dataset.name}' contributes no rows (weight {dataset.weight} x "
+                         f"{len(records)} rows rounds to 0)")
+            yield from chosen
         if mix_report is not None:
-            mix_report.append(MixEntry(dataset.name, len(records), len(taken), dataset.weight, report))
-        mixed.extend(taken)
-    return mixed
+            mix_report.append(MixEntry(dataset.name, count, taken, dataset.weight, report))
+
+
+def _located(stream: Iterator[dict], dataset: ResolvedDataset) -> Iterator[dict]:
+    """Name the dataset (and the registry that defined it) in any data error."""
+    try:
+        yield from stream
+    except DataError as err:
+        where = f" from {dataset.registry}" if dataset.registry else ""
+        raise DataError(f"{err.reason} [dataset '{dataset.name}'{where}]", err.path, err.line, err.field) from None
+
+
+def _unique(stream: Iterator[dict], seen: set[bytes], report: ConvertReport) -> Iterator[dict]:
+    for record in stream:
+        digest = record_digest(record)
+        if digest in seen:
+            report.duplicates += 1
+            continue
+        seen.add(digest)
+        yield record
