@@ -161,3 +161,51 @@ def test_entity_row_level_and_empty_conventions():
         M.entity_counts("李雷_人名", "李雷人名")
     with pytest.raises(ValueError, match="row 2"):
         M.entity_prf(["没有", "没有"], ["没有", "上海"])
+
+
+# --- scoring a prediction file (reference_eval) ----------------------------------------------------------------
+
+def _predictions(tmp_path, rows):
+    import json
+
+    from zhiling.eval.predictions import read_predictions
+
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return read_predictions(path)
+
+
+def test_metric_specs_and_label_specs():
+    from zhiling.errors import ZhilingError
+    from zhiling.eval import reference_eval as R
+
+    assert [str(s) for s in R.parse_metric_specs(None)] == ["em", "f1", "rouge_l", "bleu4"]
+    assert [str(s) for s in R.parse_metric_specs(None, has_labels=True)][-1] == "accuracy"
+    assert [str(s) for s in R.parse_metric_specs("em, ner:entity,em")] == ["em", "ner:entity"]
+    assert R.parse_label_specs(["积极,消极", "topic=体育,财经,科技"]) == {None: ["积极", "消极"],
+                                                                     "topic": ["体育", "财经", "科技"]}
+    with pytest.raises(ZhilingError, match="given twice"):
+        R.parse_label_specs(["a,b", "c,d"])
+
+
+def test_evaluate_summary_values(tmp_path):
+    from zhiling.eval import reference_eval as R
+
+    predictions = _predictions(tmp_path, [
+        {"id": "1", "task": "qa", "prompt": "首都？", "output": "北京是中国的首都", "reference": "北京是中国首都"},
+        {"id": "2", "task": "qa", "prompt": "河流？", "output": "长江", "reference": ["长江", "扬子江"]},
+        {"id": "3", "task": "topic", "prompt": "分类", "output": "体育。", "reference": "体育"},
+    ])
+    specs = R.parse_metric_specs("em,rouge_l,bleu4,topic:accuracy")
+    result = R.evaluate(predictions, specs, R.parse_label_specs(["topic=体育,财经"]), by="task")
+    qa = result.summary["groups"]["qa"]
+    assert qa["em"] == 0.5
+    assert qa["rouge_l"] == pytest.approx((14 / 15 + 1) / 2)
+    assert qa["bleu4"] == pytest.approx((0.125 ** 0.25 + 1) / 2)
+    assert result.summary["groups"]["topic"]["accuracy"] == 1.0
+    assert "accuracy" not in qa
+    assert result.summary["overall"]["accuracy_rows"] == 1 and result.summary["overall"]["em_rows"] == 3
+    assert result.rows[0]["scores"]["rouge_l"] == pytest.approx(14 / 15)
+    assert result.summary["unused_metrics"] == []
+    unused = R.evaluate(predictions, R.parse_metric_specs("em,ner:entity"))
+    assert unused.summary["unused_metrics"] == ["ner:entity"]
