@@ -12,7 +12,7 @@ from zhiling.config.model import ModelConfig
 from zhiling.config.output import OutputConfig
 from zhiling.config.quantization import QuantizationConfig
 from zhiling.config.template import TemplateConfig
-from zhiling.config.training import TrainingConfig
+from zhiling.config.training import StageConfig, TrainingConfig
 
 
 class ZhilingConfig(Section):
@@ -24,3 +24,4 @@ class ZhilingConfig(Section):
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    stages: list[StageConfig] = Field(default_factory=list, description="staged run: each stage trains on from the last")

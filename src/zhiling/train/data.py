@@ -58,7 +58,7 @@ def tokenize_datasets(names: list[str], cfg: ZhilingConfig, template, tokenizer,
     def make_records():
         mix.clear()
         return iter_mixed_records(names, data.registry, data.format, data.max_samples, data.seed, dedup=data.dedup,
-                            mix_report=mix, announce=announce)
+                                  mix_report=mix, announce=announce)
 
     tokenized = tokenize_records(make_records, fingerprint(datasets, **settings), template, tokenizer,
                                  TokenizeOptions.from_config(data), num_proc=data.num_proc, cache_dir=data.cache_dir,

@@ -1,0 +1,595 @@
+"""The training loop: one run from config to adapter, resumable exactly at any checkpoint.
+
+Why our own loop (on accelerate) rather than transformers' Trainer: exact resume needs the data position, the
+micro-batch plan and every RNG under our control, and the loss must be normalised over the label tokens of a whole
+optimizer step (all micro-batches, all processes) for packed batches to train like padded ones. accelerate gives the
+process group (DDP on CPU or GPU, DeepSpeed, FSDP) and mixed precision; the rest reads top to bottom in ``run``:
+
+1. checks that need nothing heavy (output folder, method, optimizer names, distributed config)
+2. tokenizer, template, data (tokenized once, cached by content)
+3. model and method (LoRA / QLoRA / full / freeze; ``init_adapter``)
+4. the micro-batch plan, optimizer, schedule; resume from the last complete checkpoint
+5. the loop: per optimizer step, the loss is summed over every micro-batch of every process and divided by their
+   label tokens; log, evaluate and checkpoint at step boundaries
+6. the adapter (or model) with tokenizer and template, zhiling.json, loss.png, and a summary
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zhiling.config import ZhilingConfig
+from zhiling.data.templates import resolve_template
+from zhiling.data.tokenize import describe_report
+from zhiling.errors import ZhilingError
+from zhiling.models.loader import load_model, load_tokenizer, model_type_of, resolve_device, resolve_source
+from zhiling.train import checkpoint as ckpt
+from zhiling.train.batches import Batching, choose_batching, count_labels, eval_micro_batches, to_device
+from zhiling.train.data import TrainData, load_train_data
+from zhiling.train.launch import DistributedSetup, check_runtime, load_distributed_config, make_plugin
+from zhiling.train.loss import CausalLMLoss
+from zhiling.train.methods import PreparedModel, method_quantization, prepare_model
+from zhiling.train.metrics_log import MetricsLog, Trackers, plot_loss
+from zhiling.train.optim import build_optimizer, build_scheduler, check_names
+from zhiling.train.outputs import (chat_command, claim_output_dir, changed_settings, config_hash, now, read_record,
+                                   save_final, versions, write_record)
+from zhiling.train.packing import useful_tokens
+from zhiling.train.progress import RateMeter, TrainProgress, print_summary
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_dir: Path
+    is_adapter: bool
+    steps: int = 0
+    tokens: int = 0
+    label_tokens: int = 0
+    train_seconds: float = 0.0
+    final_loss: float | None = None
+    final_eval_loss: float | None = None
+    best_eval_loss: float | None = None
+    chat_command: str = ""
+    skipped: bool = False
+    resumed_from: str | None = None
+    stages: list["TrainResult"] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"output_dir": str(self.output_dir), "final_dir": str(self.final_dir), "steps": self.steps,
+                "tokens": self.tokens, "label_tokens": self.label_tokens, "train_seconds": round(self.train_seconds, 2),
+                "final_loss": self.final_loss, "final_eval_loss": self.final_eval_loss,
+                "best_eval_loss": self.best_eval_loss, "chat_command": self.chat_command}
+
+
+def set_seed(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def mixed_precision(precision: str, device: str, setup: DistributedSetup | None) -> str:
+    """accelerate's mixed_precision: bf16 autocast on CUDA where supported, fp16 on older CUDA, none on CPU / MPS."""
+    if precision == "fp32":
+        return "no"
+    if precision in ("bf16", "fp16"):
+        return precision
+    if setup is not None and setup.mixed_precision:
+        return setup.mixed_precision
+    if device.startswith("cuda"):
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def model_id(cfg: ZhilingConfig, source) -> str:
+    """How the run names its base model (local paths made absolute, so the chat command works from anywhere)."""
+    name = cfg.model.name_or_path
+    if not name or name == "default":
+        return "default"
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+class Trainer:
+    def __init__(self, cfg: ZhilingConfig, *, show_progress: bool = True, console=None, announce=None):
+        self.cfg = cfg
+        self.show_progress = show_progress
+        self.console = console
+        self.announce = announce
+        self.out = Path(cfg.output.dir)
+
+    # ----- small helpers -------------------------------------------------------------------------------------------
+    @property
+    def main(self) -> bool:
+        return self.acc.is_main_process
+
+    def say(self, message: str) -> None:
+        if not self.main:
+            return
+        if self.announce is not None:
+            self.announce(message)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def _sum_across(self, values: list[float]) -> list[float]:
+        """Element-wise sum over all processes (a no-op for one process)."""
+        if self.acc.num_processes == 1:
+            return [float(v) for v in values]
+        import torch
+
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.acc.device)
+        return [float(v) for v in self.acc.reduce(tensor, reduction="sum").tolist()]
+
+    def _collate(self, indices: list[int]) -> dict:
+        return self._collate_from(self.data.train, indices)
+
+    def _collate_from(self, dataset, indices: list[int]) -> dict:
+        rows = dataset[indices]
+        features = [{"input_ids": ids, "labels": labels} for ids, labels in zip(rows["input_ids"], rows["labels"])]
+        return to_device(self.batching.collator(features), self.acc.device)
+
+    # ----- 1. checks -------------------------------------------------------------------------------------------------
+    def _make_accelerator(self, device: str):
+        from accelerate import Accelerator
+
+        plugin = make_plugin(self.setup) if self.setup is not None else None
+        kwargs = dict(cpu=device == "cpu", mixed_precision=mixed_precision(self.cfg.training.precision, device,
+                                                                            self.setup))
+        if self.setup is not None and self.setup.kind == "deepspeed":
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.cfg.training.per_device_batch_size
+            kwargs["deepspeed_plugin"] = plugin
+            kwargs["gradient_accumulation_steps"] = self.cfg.training.gradient_accumulation_steps
+        elif self.setup is not None and self.setup.kind == "fsdp":
+            kwargs["fsdp_plugin"] = plugin
+        return Accelerator(**kwargs)
+
+    def _check(self) -> None:
+        cfg = self.cfg
+        self.setup = (load_distributed_config(cfg.training.distributed_config, cfg.training)
+                      if cfg.training.distributed_config else None)
+        check_runtime(self.setup)
+        self.quant = method_quantization(cfg)
+        check_names(cfg.training)
+        if cfg.training.init_adapter:
+            if cfg.training.method not in ("lora", "dora", "rslora", "qlora"):
+                raise ZhilingError(f"training.init_adapter continues an adapter, but training.method is "
+                                   f"{cfg.training.method}; use an adapter method (lora, qlora, ...)")
+            if not (Path(cfg.training.init_adapter) / "adapter_config.json").is_file():
+                raise ZhilingError(f"training.init_adapter: {cfg.training.init_adapter} is not a PEFT adapter folder "
+                                   f"(no adapter_config.json); give OUTPUT/adapter of an earlier run")
+        device = resolve_device(cfg.model.device)
+        self.acc = self._make_accelerator(device)
+        if device.startswith("cuda") and self.acc.num_processes > 1:
+            device = str(self.acc.device)
+        self.device = device
+        self.source = resolve_source(cfg.model)
+        self.identity = {"model": model_id(cfg, self.source), "method": cfg.training.method}
+        self.previous = None
+        if self.main:
+            state = claim_output_dir(self.out, self.identity, cfg.output.overwrite, cfg.training.resume)
+            self.previous = None if state.fresh else state.record
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.acc.wait_for_everyone()
+        if not self.main:
+            self.previous = read_record(self.out)
+
+    # ----- 2. tokenizer, template, data ------------------------------------------------------------------------------
+    def _load_data(self) -> None:
+        cfg = self.cfg
+        self.tokenizer = load_tokenizer(cfg.model, self.source)
+        self.model_type = model_type_of(self.source, cfg.model.trust_remote_code)
+        self.template, origin = resolve_template(cfg.template.name, self.tokenizer, self.model_type,
+                                                 adapter=cfg.training.init_adapter, system=cfg.template.system)
+        self.say(f"template: {origin}")
+        with self.acc.main_process_first():
+            self.data: TrainData = load_train_data(cfg, self.template, self.tokenizer, announce=self.say)
+        held = f", {self.data.eval_rows:,} rows for eval loss" if self.data.eval is not None else ""
+        self.say(f"data: {describe_report(self.data.report)}{held}")
+
+    def _already_finished(self) -> TrainResult | None:
+        """The same run finished in this folder: nothing to do. A different finished run: refuse."""
+        record = self.previous
+        self.run_hash = config_hash(self.cfg.model_dump(mode="json")) + ":" + self.data.key
+        if not record or record.get("status") != "finished":
+            return None
+        final_dir = self.out / ("adapter" if self.cfg.training.method in ("lora", "dora", "rslora", "qlora")
+                                else "model")
+        if record.get("run_hash") == self.run_hash and final_dir.is_dir():
+            metrics = record.get("metrics", {})
+            return TrainResult(self.out, final_dir, final_dir.name == "adapter", metrics.get("steps", 0),
+                               metrics.get("tokens", 0), metrics.get("label_tokens", 0),
+                               metrics.get("train_seconds", 0.0), metrics.get("final_loss"),
+                               metrics.get("final_eval_loss"), metrics.get("best_eval_loss"),
+                               record.get("chat_command", ""), skipped=True)
+        changes = changed_settings(record.get("config", {}), self.cfg.model_dump(mode="json"))
+        changes = [c for c in changes if not c.startswith(("training.resume", "output.overwrite"))]
+        what = "; ".join(changes[:6]) if changes else "the training data changed"
+        raise ZhilingError(f"output.dir {self.out} holds a finished run with different settings ({what}); choose "
+                           f"another output.dir, set training.resume=false to train this one again from scratch, or "
+                           f"output.overwrite=true")
+
+    # ----- 3. model --------------------------------------------------------------------------------------------------
+    def _load_model(self) -> None:
+        cfg = self.cfg
+        set_seed(cfg.training.seed)
+        model_cfg = cfg.model.model_copy(update={"device": self.device})
+        if cfg.training.method in ("full", "freeze") and model_cfg.dtype == "auto":
+            import torch
+
+            if resolve_device(self.device).startswith("cuda") and not torch.cuda.is_bf16_supported():
+                model_cfg = model_cfg.model_copy(update={"dtype": "float32"})  # fp16 weights cannot be trained
+        model = load_model(model_cfg, self.quant, adapter=cfg.training.init_adapter, source=self.source,
+                           trainable_adapter=True)
+        self.prepared: PreparedModel = prepare_model(model, cfg, quantized=self.quant is not None)
+        self.model = self.prepared.model
+        if cfg.training.compile:
+            self.model.compile()
+        share = 100.0 * self.prepared.trainable_params / max(self.prepared.total_params, 1)
+        where = f" on {', '.join(self.prepared.target_modules)}" if self.prepared.target_modules else ""
+        if self.prepared.trained_layers:
+            where = f" (layers {self.prepared.trained_layers[0]}-{self.prepared.trained_layers[-1]})"
+        start = f", continuing {cfg.training.init_adapter}" if cfg.training.init_adapter else ""
+        self.say(f"model: {self.source.origin}, {cfg.training.method}{where}{start}; "
+                 f"{self.prepared.trainable_params:,} of {self.prepared.total_params:,} parameters trained "
+                 f"({share:.2f}%)")
+
+    # ----- 4. plan, optimizer, resume --------------------------------------------------------------------------------
+    def _plan(self) -> None:
+        cfg, training = self.cfg, self.cfg.training
+        self.processes, self.rank = self.acc.num_processes, self.acc.process_index
+        lengths = [int(n) for n in self.data.train["length"]]
+        self.batching: Batching = choose_batching(self.model, self.tokenizer, lengths, training, cfg.data.cutoff_len,
+                                                  self.processes, self.rank)
+        self.accum = training.gradient_accumulation_steps
+        self.steps_per_epoch = math.ceil(len(self.batching.micro_batches(0)) / self.accum)
+        if training.max_steps > 0:
+            self.total_steps = training.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(training.num_epochs * self.steps_per_epoch))
+        self.eval_batches = []
+        if self.data.eval is not None:
+            eval_lengths = [int(n) for n in self.data.eval["length"]]
+            self.eval_batches = eval_micro_batches(eval_lengths, self.batching, training.per_device_batch_size,
+                                                   self.processes, self.rank)
+        self.fingerprint = {
+            "per_device_batch_size": training.per_device_batch_size,
+            "gradient_accumulation_steps": self.accum, "processes": self.processes, "data": self.data.key,
+            "packing": self.batching.packing, "packing_tokens": self.batching.packing_tokens,
+            "cutoff_len": cfg.data.cutoff_len, "seed": training.seed, "method": training.method,
+            "group_by_length": training.group_by_length}
+        self.say(f"plan: {self.total_steps:,} steps ({self.steps_per_epoch:,} per epoch), {self.accum} micro-batch"
+                 f"{'es' if self.accum > 1 else ''} per step per process, {self.processes} process"
+                 f"{'es' if self.processes > 1 else ''}; {self.batching.note}")
+
+    def _build_optimizer(self) -> None:
+        self.optimizer = build_optimizer(self.model, self.cfg.training)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.training, self.total_steps)
+        label_only = None if self.cfg.training.loss == "label_only" else False
+        self.loss_fn = CausalLMLoss(self.model, label_only=label_only)
+        self.sharded = self.setup is not None and self.setup.kind in ("deepspeed", "fsdp")
+        self.loss_module, self.optimizer = self.acc.prepare(self.loss_fn, self.optimizer)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+    def _find_resume_point(self) -> Path | None:
+        resume = self.cfg.training.resume
+        root = self.out / "checkpoints"
+        if self.main:
+            for leftover in ckpt.remove_partial(root):
+                self.say(f"removed an unfinished checkpoint save: {leftover.name}")
+        if resume is False:
+            return None
+        if isinstance(resume, str):
+            path = Path(resume)
+            ckpt.read_state(path)  # a clear error when it is not a complete checkpoint
+            return path
+        return ckpt.latest_checkpoint(root)
+
+    def _resume(self) -> None:
+        import torch
+
+        self.state = ckpt.TrainState(fingerprint=self.fingerprint)
+        self.resumed_from = None
+        self.rng_to_restore = None
+        path = self._find_resume_point()
+        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        if path is None:
+            if self.main:
+                (self.out / "metrics.jsonl").write_text("", encoding="utf-8")
+            return
+        saved = ckpt.read_state(path)
+        changes = ckpt.fingerprint_changes(saved.fingerprint, self.fingerprint)
+        if changes:
+            raise ZhilingError(f"cannot resume from {path}: " + "; ".join(changes) + ". Set training.resume=false to "
+                               f"start this run over, or choose another output.dir")
+        if self.sharded:
+            self.acc.load_state(str(path / "engine"))
+        else:
+            self._load_weights(path)
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.acc.device,
+                                                      weights_only=False))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        self.state = saved
+        self.state.fingerprint = self.fingerprint
+        self.rng_to_restore = torch.load(path / "rng.pt", weights_only=False)
+        self.resumed_from = str(path)
+        if self.main:
+            self.metrics.keep_until(saved.step)
+        self.say(f"resuming from {path} (step {saved.step:,} of {self.total_steps:,}); training.resume=false starts "
+                 f"over")
+
+    def _load_weights(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        if self.prepared.is_adapter:
+            from peft import set_peft_model_state_dict
+
+            weights = load_file(str(path / "adapter" / "adapter_model.safetensors"), device=str(self.acc.device))
+            result = set_peft_model_state_dict(self.model, weights)
+            unexpected = getattr(result, "unexpected_keys", [])
+            if unexpected:
+                raise ZhilingError(f"{path}: the checkpoint's adapter does not fit this model ({unexpected[0]} ...)")
+        else:
+            weights = load_file(str(path / "trainable.safetensors"), device=str(self.acc.device))
+            missing = [name for name, p in self.model.named_parameters() if p.requires_grad and name not in weights]
+            if missing:
+                raise ZhilingError(f"{path}: the checkpoint lacks trained weights such as {missing[0]}")
+            self.model.load_state_dict(weights, strict=False)
+
+    # ----- 5. the loop -----------------------------------------------------------------------------------------------
+    def _train_step(self, group: list[list[int]]) -> tuple[float, float, int, int]:
+        """One optimizer step over ``group`` (this process's micro-batches): (loss, grad norm, tokens, labels)."""
+        import torch
+
+        batches = [self._collate(indices) for indices in group]
+        weights = [1.0] * len(batches)
+        if self.sharded and len(batches) < self.accum:  # DeepSpeed counts micro-batches: pad with weight 0
+            weights += [0.0] * (self.accum - len(batches))
+            batches += [batches[0]] * (self.accum - len(batches))
+        local_labels = sum(count_labels(b) for b, w in zip(batches, weights) if w)
+        local_tokens = sum(useful_tokens(b) for b, w in zip(batches, weights) if w)
+        labels = self._sum_across([local_labels])[0]
+        scale = self.processes / max(labels, 1.0) * (self.accum if self.setup and self.setup.kind == "deepspeed"
+                                                     else 1)
+        loss_sum = 0.0
+        for index, (batch, weight) in enumerate(zip(batches, weights)):
+            last = index == len(batches) - 1
+            sync = contextlib.nullcontext() if last or self.processes == 1 else self.acc.no_sync(self.loss_module)
+            with sync:
+                with self.acc.autocast():
+                    out = self.loss_module(**batch)
+                self.acc.backward(out.loss_sum * (scale * weight))
+            loss_sum += float(out.loss_sum.detach()) * weight
+        if self.cfg.training.max_grad_norm > 0:
+            norm = self.acc.clip_grad_norm_(self.trainable, self.cfg.training.max_grad_norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable, float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss, tokens = self._sum_across([loss_sum, local_tokens])
+        grad_norm = float(norm) if norm is not None else float("nan")
+        return total_loss / max(labels, 1.0), grad_norm, int(tokens), int(labels)
+
+    def _evaluate(self) -> float | None:
+        import torch
+
+        if not self.eval_batches and self.data.eval is None:
+            return None
+        module = self.loss_module if self.sharded else self.loss_fn
+        module.eval()
+        loss_sum, labels = 0.0, 0
+        try:
+            with torch.no_grad(), self.acc.autocast():
+                for indices in self.eval_batches:
+                    out = module(**self._collate_from(self.data.eval, indices))
+                    loss_sum += float(out.loss_sum)
+                    labels += out.n_tokens
+        finally:
+            module.train()
+        total, count = self._sum_across([loss_sum, labels])
+        return total / count if count else None
+
+    def _log_step(self, loss: float, grad_norm: float, lr: float, meter: RateMeter, progress: TrainProgress) -> None:
+        state, training = self.state, self.cfg.training
+        state.log_loss_sum += loss
+        state.log_steps += 1
+        if state.step % training.logging_steps and state.step != self.total_steps:
+            return
+        rate = meter.read()
+        record = {"step": state.step, "epoch": round(state.epoch + state.step_in_epoch / self.steps_per_epoch, 4),
+                  "loss": state.log_loss_sum / state.log_steps, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": round(rate, 1), "tokens": state.tokens}
+        state.log_loss_sum, state.log_steps = 0.0, 0
+        self.last_loss = record["loss"]
+        if self.main:
+            self.metrics.log(record)
+        progress.update(state.step, record["loss"], rate)
+
+    def _maybe_evaluate(self, progress: TrainProgress) -> None:
+        state = self.state
+        if self.data.eval is None or (state.step % self.cfg.training.eval_steps and state.step != self.total_steps):
+            return
+        loss = self._evaluate()
+        if loss is None:
+            return
+        state.last_eval_loss = loss
+        state.best_eval_loss = loss if state.best_eval_loss is None else min(state.best_eval_loss, loss)
+        if self.main:
+            self.metrics.log({"step": state.step, "eval_loss": loss})
+        progress.print(f"step {state.step}: eval loss {loss:.4f}")
+
+    def _save_checkpoint(self) -> None:
+        import torch
+
+        rng = ckpt.capture_rng()
+        states = [rng]
+        if self.processes > 1:
+            import torch.distributed as dist
+
+            states = [None] * self.processes
+            dist.all_gather_object(states, rng)
+        root = self.out / "checkpoints"
+
+        def write_files(folder: Path) -> None:
+            if not self.sharded:
+                if self.prepared.is_adapter:
+                    self.model.save_pretrained(str(folder / "adapter"))
+                else:
+                    from safetensors.torch import save_file
+
+                    save_file({name: p.detach().contiguous().cpu() for name, p in self.model.named_parameters()
+                               if p.requires_grad}, str(folder / "trainable.safetensors"))
+                torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
+            torch.save(states, folder / "rng.pt")
+
+        if self.sharded:  # every process writes its shard of model and optimizer into the temporary folder
+            tmp = root / f"checkpoint-{self.state.step}.tmp-shared"
+            if self.main:
+                tmp.mkdir(parents=True, exist_ok=True)
+            self.acc.wait_for_everyone()
+            self.acc.save_state(str(tmp / "engine"))
+            self.acc.wait_for_everyone()
+            if self.main:
+                ckpt.write_checkpoint(root, self.state, lambda folder: (write_files(folder), _move(tmp, folder)),
+                                      self.cfg.training.save_total_limit)
+        elif self.main:
+            ckpt.write_checkpoint(root, self.state, write_files, self.cfg.training.save_total_limit)
+        self.acc.wait_for_everyone()
+
+    def _loop(self) -> None:
+        state, training = self.state, self.cfg.training
+        self.last_loss = None
+        progress = TrainProgress(self.total_steps, state.step, enabled=self.show_progress and self.main)
+        meter = RateMeter()
+        if self.rng_to_restore is not None:
+            ckpt.restore_rng(self.rng_to_restore[self.rank])
+        self.loss_module.train()
+        started = time.perf_counter()
+        try:
+            while state.step < self.total_steps:
+                micro = self.batching.micro_batches(state.epoch)
+                steps_here = math.ceil(len(micro) / self.accum)
+                while state.step_in_epoch < steps_here and state.step < self.total_steps:
+                    first = state.step_in_epoch * self.accum
+                    lr = self.scheduler.get_last_lr()[0]
+                    loss, grad_norm, tokens, labels = self._train_step(micro[first:first + self.accum])
+                    state.step += 1
+                    state.step_in_epoch += 1
+                    state.tokens += tokens
+                    state.label_tokens += labels
+                    meter.add(tokens)
+                    progress.update(state.step)
+                    self._log_step(loss, grad_norm, lr, meter, progress)
+                    self._maybe_evaluate(progress)
+                    now_time = time.perf_counter()
+                    state.train_seconds += now_time - started
+                    started = now_time
+                    if state.step % training.save_steps == 0 and state.step < self.total_steps:
+                        self._save_checkpoint()
+                if state.step_in_epoch >= steps_here:
+                    state.epoch += 1
+                    state.step_in_epoch = 0
+        finally:
+            progress.close()
+
+    # ----- 6. outputs ------------------------------------------------------------------------------------------------
+    def _record(self, status: str, **extra) -> dict:
+        record = {"status": status, "identity": self.identity, "run_hash": self.run_hash,
+                  "config": self.cfg.model_dump(mode="json"), "template": self.template.to_dict(),
+                  "data": {"train": self.data.sources, "eval": self.data.eval_sources,
+                           "tokenized": self.data.report, "key": self.data.key,
+                           "train_rows": self.data.train_rows, "eval_rows": self.data.eval_rows},
+                  "versions": versions(), "started_at": self.started_at}
+        record.update(extra)
+        return record
+
+    def _finish(self) -> TrainResult:
+        state = self.state
+        is_adapter = self.prepared.is_adapter
+        final_dir = self.out / ("adapter" if is_adapter else "model")
+        result = TrainResult(self.out, final_dir, is_adapter, state.step, state.tokens, state.label_tokens,
+                             state.train_seconds, self.last_loss, state.last_eval_loss, state.best_eval_loss,
+                             chat_command(self.identity["model"], final_dir, is_adapter), resumed_from=self.resumed_from)
+        model = self.model
+        if self.sharded:
+            state_dict = self.acc.get_state_dict(self.loss_module)
+            state_dict = {key[len("model."):] if key.startswith("model.") else key: value
+                          for key, value in state_dict.items()}
+        if self.main:
+            if self.sharded:
+                model.save_pretrained = _with_state_dict(model.save_pretrained, state_dict)
+            save_final(model, self.tokenizer, self.template, self.out, is_adapter)
+            plot_loss(self.out / "metrics.jsonl", self.out / "loss.png", title=f"{self.out.name}: loss")
+            write_record(self.out, self._record("finished", finished_at=now(), metrics=result.to_json(),
+                                                final=final_dir.name, chat_command=result.chat_command))
+        self.acc.wait_for_everyone()
+        return result
+
+    # ----- the run ---------------------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        self._check()
+        self._load_data()
+        finished = self._already_finished()
+        if finished is not None:
+            self.say(f"{self.out} already holds this finished run; nothing to do (training.resume=false trains it "
+                     f"again)")
+            return finished
+        self._load_model()
+        self._plan()
+        self._build_optimizer()
+        self._resume()
+        self.started_at = (self.previous or {}).get("started_at") if self.resumed_from else None
+        self.started_at = self.started_at or now()
+        trackers = None
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_record(self.out, self._record("running"))
+            if self.cfg.training.report_to:
+                trackers = Trackers(self.cfg.training.report_to, self.out, self.out.name,
+                                    self.cfg.model_dump(mode="json"))
+                self.metrics.trackers = trackers
+        try:
+            self._loop()
+            return self._finish()
+        finally:
+            if trackers is not None:
+                trackers.close()
+
+
+def _move(source: Path, folder: Path) -> None:
+    import shutil
+
+    shutil.move(str(source / "engine"), str(folder / "engine"))
+    shutil.rmtree(source, ignore_errors=True)
+
+
+def _with_state_dict(save, state_dict):
+    def save_with(*args, **kwargs):
+        kwargs.setdefault("state_dict", state_dict)
+        return save(*args, **kwargs)
+
+    return save_with
+
+
+def train(cfg: ZhilingConfig, *, show_progress: bool = True, summary: bool = True, announce=None) -> TrainResult:
+    """Train as the config says (a single run, or each stage in turn) and print the summary."""
+    if cfg.stages:
+        from zhiling.train.stages import run_stages
+
+        return run_stages(cfg, show_progress=show_progress, summary=summary, announce=announce)
+    trainer = Trainer(cfg, show_progress=show_progress, announce=announce)
+    result = trainer.run()
+    if summary and trainer.main:
+        print_summary(result)
+    return result

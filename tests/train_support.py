@@ -1,0 +1,48 @@
+"""Shared pieces of the training tests: a small canonical data file and a config for a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+QUESTIONS = [
+    ("判断这条评论的情感倾向：这部电影真好看，我很喜欢。", "积极"),
+    ("判断这条评论的情感倾向：服务太差了，再也不来了。", "消极"),
+    ("请找出句子中的实体：张三在北京大学读书。", "张三_人名\n北京大学_机构名"),
+    ("把句子改写成疑问句：他去了上海。", "他去了上海吗？"),
+    ("请列出三种水果。", "苹果、香蕉、橙子"),
+    ("你好", "你好，世界！今天天气很好。"),
+    ("Say hello.", "hello world, how are you? I am fine, thank you."),
+    ("写一句诗。", "春眠不觉晓，处处闻啼鸟。"),
+]
+
+
+def write_data(path: Path, rows: int = 32) -> Path:
+    """``rows`` canonical records cycling through a few question / answer pairs (numbered so none repeat)."""
+    with path.open("w", encoding="utf-8") as handle:
+        for index in range(rows):
+            question, answer = QUESTIONS[index % len(QUESTIONS)]
+            record = {"id": f"t-{index}", "system": "", "source": "test",
+                      "messages": [{"role": "user", "content": f"{question} {index}"},
+                                   {"role": "assistant", "content": answer}]}
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
+def tiny_config(model_dir: Path, data: Path, out: Path, tmp: Path, **sections) -> dict:
+    """A config tree for a few fast steps on a tiny model (sections override / extend the defaults)."""
+    tree = {
+        "model": {"name_or_path": str(model_dir), "device": "cpu"},
+        "data": {"datasets": [str(data)], "cutoff_len": 64, "cache_dir": str(tmp / "tok-cache")},
+        "template": {"name": "alpaca_zh"},
+        "training": {"method": "lora", "learning_rate": 5e-3, "per_device_batch_size": 4, "max_steps": 6,
+                     "logging_steps": 1, "save_steps": 100, "seed": 7, "lr_scheduler": "constant"},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
+        "output": {"dir": str(out)},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            tree.setdefault(section, {}).update(values)
+        else:
+            tree[section] = values
+    return tree
