@@ -345,7 +345,7 @@ def leaderboard_table(board: dict, systems: Sequence[str]) -> Table:
 
 
 def ranking_table(board: dict, systems: Sequence[str]) -> Table:
-    table = Table("Leaderboard", ["rank", "system", "overall", "macro", "judged"])
+    table = Table("Leaderboard", ["rank", "system", "overall", "macro", "judged"], text_columns=2)
     ranked = sorted(systems, key=lambda s: -(board["overall"][s]["mean"] or -1.0))
     for rank, system in enumerate(ranked, start=1):
         cell = board["overall"][system]

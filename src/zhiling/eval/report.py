@@ -247,7 +247,7 @@ def build_report(runs: Sequence[Run], *, samples: int = 5, seed: int = 0, pick: 
 
 
 def runs_table(report: Report) -> Table:
-    table = Table("Runs", ["run", "kind", "created", "inputs", "folder"])
+    table = Table("Runs", ["run", "kind", "created", "inputs", "folder"], text_columns=5)
     for name, run in zip(_unique_names(report.runs), report.runs):
         table.add(name, run.kind, str(run.info.get("created", "")), ", ".join(map(str, run.info.get("inputs", []))),
                   str(run.path))

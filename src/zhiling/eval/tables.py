@@ -25,6 +25,7 @@ class Table:
     columns: list[str]
     rows: list[list[str]] = field(default_factory=list)
     note: str = ""
+    text_columns: int = 1  # the first N columns hold text (left-aligned); the rest numbers (right-aligned)
 
     def add(self, *cells: Any) -> None:
         if len(cells) != len(self.columns):
@@ -36,7 +37,7 @@ class Table:
 
         table = RichTable(title=self.title, caption=self.note or None)
         for index, column in enumerate(self.columns):
-            table.add_column(column, justify="left" if index == 0 else "right")
+            table.add_column(column, justify="left" if index < self.text_columns else "right")
         for row in self.rows:
             table.add_row(*row)
         return table
@@ -46,7 +47,7 @@ class Table:
             return text.replace("|", "\\|").replace("\n", " ")
 
         lines = [f"### {self.title}", "", "| " + " | ".join(map(cell, self.columns)) + " |",
-                 "|" + "|".join([" --- "] + [" ---: "] * (len(self.columns) - 1)) + "|"]
+                 "|" + "|".join(" --- " if i < self.text_columns else " ---: " for i in range(len(self.columns))) + "|"]
         lines += ["| " + " | ".join(map(cell, row)) + " |" for row in self.rows]
         if self.note:
             lines += ["", self.note]
