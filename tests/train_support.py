@@ -29,11 +29,11 @@ def write_data(path: Path, rows: int = 32) -> Path:
     return path
 
 
-def tiny_config(model_dir: Path, data: Path, out: Path, tmp: Path, **sections) -> dict:
+def tiny_config(model_dir: Path, data_file: Path, out: Path, tmp: Path, **sections) -> dict:
     """A config tree for a few fast steps on a tiny model (sections override / extend the defaults)."""
     tree = {
         "model": {"name_or_path": str(model_dir), "device": "cpu"},
-        "data": {"datasets": [str(data)], "cutoff_len": 64, "cache_dir": str(tmp / "tok-cache")},
+        "data": {"datasets": [str(data_file)], "cutoff_len": 64, "cache_dir": str(tmp / "tok-cache")},
         "template": {"name": "alpaca_zh"},
         "training": {"method": "lora", "learning_rate": 5e-3, "per_device_batch_size": 4, "max_steps": 6,
                      "logging_steps": 1, "save_steps": 100, "seed": 7, "lr_scheduler": "constant"},
