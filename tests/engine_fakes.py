@@ -45,6 +45,11 @@ class ScriptedEngine(Engine):
     def _generate_ids(self, prompts, params, cancel):
         with self.lock:
             self.calls.append({"kind": "generate", "prompts": prompts, "params": params})
+            self.cancelled.append(cancel)
+        if self.gate is not None:
+            while not self.gate.wait(0.05):
+                if cancel.is_set():
+                    return [[] for _ in prompts]
         return [self._answer_ids(p, params) for p in prompts]
 
     def _stream_ids(self, prompt, params, cancel):
