@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "zhiling.cli.train_cmd",
     "zhiling.cli.infer_cmd",
     "zhiling.cli.eval_cmd",
+    "zhiling.cli.export_cmd",
 ]
 
 DESCRIPTION = """\
