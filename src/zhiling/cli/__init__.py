@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "zhiling.cli.templates_cmd",
     "zhiling.cli.train_cmd",
     "zhiling.cli.infer_cmd",
+    "zhiling.cli.serve_cmd",
     "zhiling.cli.eval_cmd",
     "zhiling.cli.export_cmd",
 ]
