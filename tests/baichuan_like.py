@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import PreTrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 try:  # lets ``gradient_checkpointing_enable`` checkpoint each layer
     from transformers.modeling_layers import GradientCheckpointingLayer as _LayerBase
@@ -155,10 +155,12 @@ class BaichuanLikeModel(BaichuanLikePreTrainedModel):
         mask = _attention_bias(attention_mask, batch, seq, hidden.dtype, hidden.device)
         for layer in self.layers:
             hidden = layer(hidden, mask, position_ids)
-        return self.norm(hidden)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden))
 
 
-class BaichuanLikeForCausalLM(BaichuanLikePreTrainedModel):
+class BaichuanLikeForCausalLM(BaichuanLikePreTrainedModel, GenerationMixin):
+    """Generation recomputes the whole sequence at every step (no key/value cache): fine for a test model."""
+
     def __init__(self, config: BaichuanLikeConfig):
         super().__init__(config)
         self.model = BaichuanLikeModel(config)
@@ -180,7 +182,7 @@ class BaichuanLikeForCausalLM(BaichuanLikePreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
                 logits_to_keep=0, **kwargs):
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            inputs_embeds=inputs_embeds)
+                            inputs_embeds=inputs_embeds).last_hidden_state
         if isinstance(logits_to_keep, int):
             kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
         else:
@@ -191,6 +193,9 @@ class BaichuanLikeForCausalLM(BaichuanLikePreTrainedModel):
             shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
             loss = nn.functional.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def make_baichuan_like(vocab_size: int, hidden: int = 32, layers: int = 2) -> BaichuanLikeForCausalLM:

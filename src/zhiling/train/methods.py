@@ -162,6 +162,19 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
+def keep_4bit_trainable_on_cpu(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference during training.
+
+    bitsandbytes (0.50) converts a ``Linear4bit`` weight to an AVX512-BF16 layout the first time the layer runs in
+    eval mode without gradients (a validation pass, a check), and from then on uses a kernel that has no backward:
+    gradients stop flowing through every 4-bit layer, silently (LoRA weights below it get zero gradients). Turning
+    the conversion off keeps the training path.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def prepare_model(model, cfg: ZhilingConfig, quantized: bool) -> PreparedModel:
     """Make only the method's parameters trainable (wrapping in a new PEFT adapter where needed).
 
@@ -176,6 +189,7 @@ def prepare_model(model, cfg: ZhilingConfig, quantized: bool) -> PreparedModel:
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
+        keep_4bit_trainable_on_cpu(model)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     targets: list[str] = []

@@ -21,6 +21,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -538,6 +539,12 @@ class Trainer:
 
     # ----- the run ---------------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return self._run()
+
+    def _run(self) -> TrainResult:
         self._check()
         self._load_data()
         finished = self._already_finished()
