@@ -305,3 +305,58 @@ def test_concurrent_streaming_clients_all_complete(hf_engine, capsys):
     assert report.failures == [] and report.mismatches == []
     assert report.completed == 16 and report.server_completed == 16
     assert "p50" in capsys.readouterr().out
+
+
+# ----- command line ----------------------------------------------------------------------------------------------
+def test_zhiling_serve_command(tiny_model_dir):
+    import os
+    import signal
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, ZHILING_API_KEY="env-key")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "zhiling", "serve", "--model", str(tiny_model_dir("llama")), "--port", str(port),
+         "--model-name", "cli-tiny", "--max-new-tokens", "4", "--max-concurrency", "2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def up():
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+            except httpx.HTTPError:
+                assert process.poll() is None, process.communicate()[1]
+                return False
+
+        wait_until(up, "the server to start", seconds=120)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="env-key", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["cli-tiny"]
+        reply = client.chat.completions.create(model="cli-tiny", messages=[{"role": "user", "content": "你好"}])
+        assert reply.usage.completion_tokens <= 4  # the --max-new-tokens default
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="other", max_retries=0).models.list()
+        assert health_at(port)["max_concurrency"] == 2
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert "API key required" in err
+
+
+def health_at(port: int) -> dict:
+    return httpx.get(f"http://127.0.0.1:{port}/health").json()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--port", "70000"], "--port must be between 0 and 65535"),
+    (["--max-queue", "-1"], "--max-queue must be 0 or more"),
+    (["--max-concurrency", "0"], "--max-concurrency must be 1 or more"),
+    (["--temperature", "0"], "temperature"),
+])
+def test_zhiling_serve_bad_arguments(tiny_model_dir, capsys, args, message):
+    from zhiling.cli import main
+
+    assert main(["serve", "--model", str(tiny_model_dir("llama")), *args]) == 1
+    assert message in capsys.readouterr().err
