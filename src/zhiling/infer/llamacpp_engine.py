@@ -112,18 +112,21 @@ class LlamaCppTokenizer:
 
 
 # ----- sampling (transformers semantics) -------------------------------------------------------------------------
-def choose_token(logits: np.ndarray, params: GenerationConfig, seen: np.ndarray, generated: int,
-                 stop_ids: list[int], rng: np.random.Generator) -> int:
-    """The next token from one row of logits (see the module docstring for the order of the steps)."""
+def processed_scores(logits: np.ndarray, params: GenerationConfig, seen: np.ndarray, generated: int,
+                     stop_ids: list[int]) -> np.ndarray:
+    """Logits after the repetition penalty (over ``seen``: prompt and answer so far) and min_new_tokens."""
     scores = np.array(logits, dtype=np.float32, copy=True)
     if params.repetition_penalty != 1.0 and seen.size:
         picked = scores[seen]
         scores[seen] = np.where(picked < 0, picked * params.repetition_penalty, picked / params.repetition_penalty)
     if generated < params.min_new_tokens and stop_ids:
         scores[stop_ids] = -np.inf
-    if not params.do_sample:
-        return int(np.argmax(scores))
-    scores /= params.temperature
+    return scores
+
+
+def sampling_distribution(scores: np.ndarray, params: GenerationConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, probabilities) left after temperature, top-k and top-p, best first."""
+    scores = scores / params.temperature
     if 0 < params.top_k < scores.size:
         candidates = np.argpartition(scores, -params.top_k)[-params.top_k:]
     else:
@@ -139,6 +142,16 @@ def choose_token(logits: np.ndarray, params: GenerationConfig, seen: np.ndarray,
         keep[0] = True
         candidates, probs = candidates[keep], probs[keep]
         probs = probs / probs.sum()
+    return candidates, probs
+
+
+def choose_token(logits: np.ndarray, params: GenerationConfig, seen: np.ndarray, generated: int,
+                 stop_ids: list[int], rng: np.random.Generator) -> int:
+    """The next token from one row of logits (see the module docstring for the order of the steps)."""
+    scores = processed_scores(logits, params, seen, generated, stop_ids)
+    if not params.do_sample:
+        return int(np.argmax(scores))
+    candidates, probs = sampling_distribution(scores, params)
     return int(candidates[rng.choice(candidates.size, p=probs)])
 
 
