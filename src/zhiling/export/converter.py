@@ -100,8 +100,8 @@ def find_converter(explicit: str | None = None, install: bool = True) -> Convert
     if (folder / _READY_MARKER).is_file() and (folder / SCRIPT).is_file():
         return Converter(folder / SCRIPT, (), f"{folder} (private copy)")
     if not install:
-        raise ZhilingError(f"llama.cpp's GGUF converter is not installed; run `zhiling export --install-converter` "
-                           f"or pass --converter PATH")
+        raise ZhilingError("llama.cpp's GGUF converter is not installed; run `zhiling export --install-converter` "
+                           "or pass --converter PATH")
     return install_converter()
 
 
