@@ -179,7 +179,6 @@ class Trainer:
         if self.main:
             state = claim_output_dir(self.out, self.identity, cfg.output.overwrite, cfg.training.resume)
             self.previous = None if state.fresh else state.record
-            self.out.mkdir(parents=True, exist_ok=True)
         self.acc.wait_for_everyone()
         if not self.main:
             self.previous = read_record(self.out)
@@ -555,12 +554,13 @@ class Trainer:
         self._load_model()
         self._plan()
         self._build_optimizer()
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
         self._resume()
         self.started_at = (self.previous or {}).get("started_at") if self.resumed_from else None
         self.started_at = self.started_at or now()
         trackers = None
         if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
             write_record(self.out, self._record("running"))
             if self.cfg.training.report_to:
                 trackers = Trackers(self.cfg.training.report_to, self.out, self.out.name,
