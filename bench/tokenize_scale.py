@@ -49,22 +49,27 @@ def write_rows(path: Path, rows: int, seed: int) -> None:
 
 
 class PeakMemory:
-    """Samples the resident memory of this process plus all its children."""
+    """Samples the memory of this process plus all its children: the sum of RSS (pages shared between a parent and
+    its forked workers counted once per process) and of PSS (shared pages split between the processes sharing them,
+    which is what the tree really occupies)."""
 
     def __init__(self, interval: float = 0.1):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.interval, self.peak, self.peak_pss, self._stop = interval, 0, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
+            total = pss = 0
             for proc in [me, *me.children(recursive=True)]:
                 try:
-                    total += proc.memory_info().rss
+                    info = proc.memory_full_info()
+                    total += info.rss
+                    pss += info.pss
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
+            self.peak_pss = max(self.peak_pss, pss)
             self._stop.wait(self.interval)
 
     def __enter__(self):
@@ -118,7 +123,8 @@ def main() -> int:
     report = tokenized.report
     result = {
         "rows": report["kept"], "tokens": report["tokens"], "num_proc": args.num_proc, "seconds": round(elapsed, 1),
-        "rows_per_second": round(report["kept"] / elapsed), "peak_rss_all_processes_gib": round(peak.peak / 2**30, 2),
+        "rows_per_second": round(report["kept"] / elapsed), "peak_pss_all_processes_gib": round(peak.peak_pss / 2**30, 2),
+        "peak_rss_sum_all_processes_gib": round(peak.peak / 2**30, 2),
         "peak_rss_main_gib": round(own_peak / 2**30, 2), "peak_rss_largest_worker_gib": round(child_peak / 2**30, 2),
         "rss_before_gib": round(base_rss / 2**30, 2), "template": template.name,
         "tokenizer_vocab": len(tokenizer), "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),

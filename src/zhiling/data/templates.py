@@ -28,6 +28,50 @@ from zhiling.errors import ZhilingError
 Turns = list[tuple[str, "str | None"]]
 
 
+
+BOS_SLOT, EOS_SLOT = -1, -2  # where the tokenizer's BOS / EOS id goes in a list of segments
+
+
+def _batch_encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # one call into Rust: no per-text Python overhead, parallel across cores
+        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def encode_segments(tokenizer, conversations: list[list[tuple[list, list]]], template_name: str = "") -> list:
+    """Turn segment lists (text pieces and BOS/EOS slots) into token ids, tokenizing every text in one batch."""
+    texts = [item for rounds in conversations for pair in rounds for part in pair for item in part
+             if isinstance(item, str) and item]
+    encoded = iter(_batch_encode(tokenizer, texts))
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    out = []
+    for rounds in conversations:
+        converted = []
+        for pair in rounds:
+            ids_pair = []
+            for part in pair:
+                ids: list[int] = []
+                for item in part:
+                    if isinstance(item, str):
+                        if item:
+                            ids += next(encoded)
+                    elif item == BOS_SLOT:
+                        if bos is not None:
+                            ids.append(bos)
+                    elif eos is None:
+                        raise ZhilingError(f"template '{template_name}' ends answers with EOS, but the tokenizer has no "
+                                           f"eos_token; set one or choose a template with its own end marker")
+                    else:
+                        ids.append(eos)
+                ids_pair.append(ids)
+            converted.append(tuple(ids_pair))
+        out.append(converted)
+    return out
+
+
 @dataclass(frozen=True)
 class Template:
     name: str
@@ -79,30 +123,31 @@ class Template:
         return self.render(system, turns, eos=tokenizer.eos_token or "", bos=tokenizer.bos_token or "")
 
     # ----- tokens -----------------------------------------------------------------------------------------------
+    def segments(self, system: str | None, turns: Turns) -> list[tuple[list, list]]:
+        """Per round, the prompt and the answer as text pieces and special-token slots (``BOS_SLOT``, ``EOS_SLOT``),
+        ready for ``encode_segments``."""
+        out = []
+        for number, (prompt, _) in enumerate(self.prompt_pieces(system, turns)):
+            prompt_items: list = [BOS_SLOT, prompt] if number == 0 and self.add_bos else [prompt]
+            answer_items: list = []
+            if turns[number][1] is not None:
+                answer_items.append(self._fill(self.assistant, turns[number][1]))
+                if "{eos}" in self.end:
+                    before, _, after = self.end.partition("{eos}")
+                    answer_items += [before, EOS_SLOT, after]
+                else:
+                    answer_items.append(self.end)
+            out.append((prompt_items, answer_items))
+        return out
+
+    def encode_many(self, tokenizer, conversations: list[tuple[str | None, Turns]]) -> list[list[tuple[list[int], list[int]]]]:
+        """``encode`` for many conversations with one batched call into the tokenizer (fast, and parallel in Rust)."""
+        return encode_segments(tokenizer, [self.segments(system, turns) for system, turns in conversations],
+                               self.name)
+
     def encode(self, tokenizer, system: str | None, turns: Turns) -> list[tuple[list[int], list[int]]]:
         """(prompt ids, answer ids) per round. BOS is the tokenizer's id; ``{eos}`` becomes the EOS id."""
-        eos_id = tokenizer.eos_token_id
-        out = []
-        for number, (prompt, reply) in enumerate(self.prompt_pieces(system, turns)):
-            prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-            if number == 0 and self.add_bos and tokenizer.bos_token_id is not None:
-                prompt_ids = [tokenizer.bos_token_id] + prompt_ids
-            reply_ids: list[int] = []
-            if turns[number][1] is not None:
-                reply_ids = tokenizer.encode(self._fill(self.assistant, turns[number][1]), add_special_tokens=False)
-                end = self.end
-                if "{eos}" in end:
-                    before, _, after = end.partition("{eos}")
-                    reply_ids += tokenizer.encode(before, add_special_tokens=False) if before else []
-                    if eos_id is None:
-                        raise ZhilingError(f"template '{self.name}' ends answers with EOS, but the tokenizer has no "
-                                           f"eos_token; set one or choose a template with its own end marker")
-                    reply_ids.append(eos_id)
-                    reply_ids += tokenizer.encode(after, add_special_tokens=False) if after else []
-                elif end:
-                    reply_ids += tokenizer.encode(end, add_special_tokens=False)
-            out.append((prompt_ids, reply_ids))
-        return out
+        return self.encode_many(tokenizer, [(system, turns)])[0]
 
     def encode_prompt(self, tokenizer, system: str | None, history: list[tuple[str, str]], query: str) -> list[int]:
         """Token ids of a generation prompt: the history rounds in full, then the query and the assistant cue."""
@@ -267,17 +312,21 @@ class TokenizerTemplate:
     def render_text(self, tokenizer, system: str | None, turns: Turns) -> str:
         return "".join(p + r for p, r in self.prompt_pieces(tokenizer, system, turns))
 
-    def encode(self, tokenizer, system: str | None, turns: Turns) -> list[tuple[list[int], list[int]]]:
+    def segments(self, tokenizer, system: str | None, turns: Turns) -> list[tuple[list, list]]:
+        eos = tokenizer.eos_token
         out = []
         for prompt, reply in self.prompt_pieces(tokenizer, system, turns):
-            prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-            reply_ids = tokenizer.encode(reply, add_special_tokens=False) if reply else []
-            out.append((prompt_ids, reply_ids))
-        eos = tokenizer.eos_token_id
-        if eos is not None:
             # every supervised answer ends with EOS, whether or not the chat template writes one
-            out = [(p, r if not r or eos in r else r + [eos]) for p, r in out]
+            answer = [reply, EOS_SLOT] if reply and (not eos or eos not in reply) else [reply]
+            out.append(([prompt], answer if reply else []))
         return out
+
+    def encode_many(self, tokenizer, conversations: list[tuple[str | None, Turns]]) -> list[list[tuple[list[int], list[int]]]]:
+        return encode_segments(tokenizer, [self.segments(tokenizer, system, turns) for system, turns in conversations],
+                               self.name)
+
+    def encode(self, tokenizer, system: str | None, turns: Turns) -> list[tuple[list[int], list[int]]]:
+        return self.encode_many(tokenizer, [(system, turns)])[0]
 
     def encode_prompt(self, tokenizer, system: str | None, history: list[tuple[str, str]], query: str) -> list[int]:
         ids: list[int] = []

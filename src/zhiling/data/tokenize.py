@@ -25,7 +25,7 @@ from zhiling.errors import ZhilingError
 from zhiling.paths import cache_root
 
 IGNORE_INDEX = -100
-CACHE_VERSION = 1  # bump when the tokenized layout or the cutting rule changes
+CACHE_VERSION = 2  # bump when the tokenized layout or the cutting rule changes
 _PROMPT_TAIL = 16
 
 
@@ -72,8 +72,11 @@ def cut_pieces(pieces: list[tuple[list[int], list[int]]], cutoff: int) -> tuple[
 
 def build_example(template, tokenizer, record: dict, options: TokenizeOptions) -> dict:
     """input_ids, labels and bookkeeping for one canonical record."""
-    system = record.get("system") or None
-    pieces = template.encode(tokenizer, system, turns(record))
+    return example_from_pieces(template.encode(tokenizer, record.get("system") or None, turns(record)), options)
+
+
+def example_from_pieces(pieces: list[tuple[list[int], list[int]]], options: TokenizeOptions) -> dict:
+    """Cut (prompt, answer) rounds to the cutoff and lay out input_ids and labels."""
     full_len = sum(len(p) + len(r) for p, r in pieces)
     pieces, truncated = cut_pieces(pieces, options.cutoff_len)
     input_ids: list[int] = []
@@ -87,7 +90,7 @@ def build_example(template, tokenizer, record: dict, options: TokenizeOptions) -
         else:
             labels += answer
     return {"input_ids": input_ids, "labels": labels, "length": len(input_ids), "full_length": full_len,
-            "truncated": truncated}
+            "truncated": truncated, "trained_tokens": sum(1 for label in labels if label != IGNORE_INDEX)}
 
 
 # ----- cache key -----------------------------------------------------------------------------------------------------
@@ -142,6 +145,26 @@ def _records_generator(make_records: Callable[[], Iterable[dict]]) -> Iterator[d
                "messages": [{"role": m["role"], "content": m["content"]} for m in record["messages"]]}
 
 
+def _column(dataset, name: str):
+    """A column as one Arrow array (reading it through the dataset's row formatter is far slower)."""
+    import pyarrow as pa
+
+    table = dataset.with_format("arrow")[:]
+    return pa.chunked_array(table.column(name))
+
+
+def _column_sum(dataset, name: str) -> int:
+    import pyarrow.compute as pc
+
+    return int(pc.sum(pc.cast(_column(dataset, name), "int64")).as_py() or 0)
+
+
+def _column_max(dataset, name: str) -> int:
+    import pyarrow.compute as pc
+
+    return int(pc.max(_column(dataset, name)).as_py() or 0)
+
+
 class _Tokenize:
     """A picklable batch function for ``Dataset.map`` (runs in worker processes with ``num_proc``)."""
 
@@ -149,10 +172,12 @@ class _Tokenize:
         self.template, self.tokenizer, self.options = template, tokenizer, options
 
     def __call__(self, batch: dict) -> dict:
-        out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "full_length": [], "truncated": []}
-        for system, messages in zip(batch["system"], batch["messages"]):
-            example = build_example(self.template, self.tokenizer, {"system": system, "messages": messages},
-                                    self.options)
+        out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "full_length": [], "truncated": [],
+                                "trained_tokens": []}
+        conversations = [(system or None, turns({"messages": messages}))
+                         for system, messages in zip(batch["system"], batch["messages"])]
+        for pieces in self.template.encode_many(self.tokenizer, conversations):
+            example = example_from_pieces(pieces, self.options)
             for key in out:
                 out[key].append(example[key])
         return out
@@ -189,7 +214,7 @@ def tokenize_records(make_records: Callable[[], Iterable[dict]], data_fingerprin
                             num_proc=num_proc if num_proc > 1 else None, remove_columns=raw.column_names,
                             desc=f"tokenizing {description}", cache_file_name=str(work / "tok" / "data.arrow"),
                             new_fingerprint=key)
-        truncated = int(sum(tokenized["truncated"]))
+        truncated = _column_sum(tokenized, "truncated")
         report = {"rows": len(tokenized), "truncated": 0 if options.drop_long else truncated,
                   "dropped_long": truncated if options.drop_long else 0, "cutoff_len": options.cutoff_len}
         if options.drop_long and truncated:
@@ -199,13 +224,9 @@ def tokenize_records(make_records: Callable[[], Iterable[dict]], data_fingerprin
                 raise ZhilingError(f"{description}: every row is longer than cutoff_len={options.cutoff_len}; "
                                    f"raise data.cutoff_len or set data.drop_long=false")
         report["kept"] = len(tokenized)
-        report["tokens"] = int(sum(tokenized["length"]))
-        lengths = tokenized["length"]
-        label_tokens = 0  # counted batch by batch, never materialising every label list at once
-        for batch in tokenized.select_columns(["labels"]).iter(batch_size=2000):
-            label_tokens += sum(sum(1 for t in row if t != IGNORE_INDEX) for row in batch["labels"])
-        report["label_tokens"] = label_tokens
-        report["max_length"] = int(max(lengths)) if len(lengths) else 0
+        report["tokens"] = _column_sum(tokenized, "length")
+        report["label_tokens"] = _column_sum(tokenized, "trained_tokens")
+        report["max_length"] = _column_max(tokenized, "length")
         staging = root / f".staging-{os.getpid()}-{key}"
         shutil.rmtree(staging, ignore_errors=True)
         tokenized.save_to_disk(str(staging))
