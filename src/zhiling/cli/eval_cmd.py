@@ -270,18 +270,10 @@ def _register_compare(group) -> None:
 # --------------------------------------------------------------------------------------------------- mc
 
 def _option_scorer(args):
-    """The model side of `eval mc`: ``zhiling.infer.scoring.load_option_scorer(model, adapter)`` returns a
-    ``score_options(prompts, options) -> log-likelihoods`` callable (see zhiling.eval.mc)."""
-    import importlib.util
+    """The model side of `eval mc`: a ``score_options(prompts, options) -> log-likelihoods`` callable."""
+    from zhiling.eval.scoring import load_option_scorer
 
-    from zhiling.errors import ZhilingError
-
-    if importlib.util.find_spec("zhiling.infer.scoring") is None:
-        raise ZhilingError("scoring options with a model needs zhiling.infer.scoring, which this build does not "
-                           "have yet; --print-prompts N shows the prompts without a model")
-    from zhiling.infer.scoring import load_option_scorer
-
-    return load_option_scorer(model=args.model, adapter=args.adapter)
+    return load_option_scorer(model=args.model, adapter=args.adapter, template=args.template, chat=args.chat)
 
 
 def _run_mc(args) -> int:
@@ -356,9 +348,81 @@ def _register_mc(group) -> None:
     parser.add_argument("--print-prompts", type=int, metavar="N", help="print the first N prompts and stop")
     parser.add_argument("--model", help="model to score with (hub id, folder or GGUF; default: the default model)")
     parser.add_argument("--adapter", metavar="DIR", help="LoRA adapter folder")
+    parser.add_argument("--chat", action="store_true",
+                        help="ask through the chat template recorded with the adapter (or the model's own): the "
+                             "question as the user turn, the option as the start of the answer")
+    parser.add_argument("--template", help="ask through this chat template (implies --chat)")
     parser.add_argument("--name", help="run name shown in reports (default: the output folder name)")
     parser.add_argument("-o", "--output", metavar="OUT_DIR", help="run folder to write (required unless "
                         "--print-prompts)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+# --------------------------------------------------------------------------------------------------- ppl
+
+def _run_ppl(args) -> int:
+    import json
+    import sys
+    from pathlib import Path
+
+    from zhiling.config import ModelConfig
+    from zhiling.data.registry import iter_mixed_records
+    from zhiling.data.templates import resolve_template
+    from zhiling.data.tokenize import TokenizeOptions
+    from zhiling.eval.perplexity import perplexity
+    from zhiling.eval.progress import progress_bar
+    from zhiling.models import load_model, load_tokenizer, model_type_of, resolve_source
+
+    cfg = ModelConfig(name_or_path=args.model)
+    source = resolve_source(cfg)
+    tokenizer = load_tokenizer(cfg, source)
+    template, where = resolve_template(args.template, tokenizer, model_type_of(source), adapter=args.adapter,
+                                       model_dir=source.path)
+    print(f"using {where}", file=sys.stderr)
+    records = list(iter_mixed_records([args.data], args.registry, args.format, args.limit,
+                                      announce=lambda message: print(message, file=sys.stderr)))
+    model = load_model(cfg, adapter=args.adapter, source=source)
+    options = TokenizeOptions(cutoff_len=args.cutoff, mask_history=args.mask_history)
+    with progress_bar(len(records), "perplexity", enabled=not args.quiet) as advance:
+        result = perplexity(model, tokenizer, template, records, options, args.batch_size, advance)
+    summary = {key: value for key, value in result.items() if key != "per_row"}
+    summary.update(model=source.origin, adapter=args.adapter, template=template.name, data=args.data)
+    print(f"perplexity {summary['perplexity']:.3f} (mean NLL {summary['nll']:.4f} over {summary['tokens']:,} "
+          f"answer tokens of {summary['rows']:,} rows; template '{template.name}')")
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "perplexity.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
+        with (out / "perplexity_rows.jsonl").open("w", encoding="utf-8") as handle:
+            for row in result["per_row"]:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        print(f"wrote {out}/perplexity.json and {out}/perplexity_rows.jsonl")
+    return 0
+
+
+def _register_ppl(group) -> None:
+    parser = add_command(
+        group, "ppl", func=_run_ppl, help="perplexity on held-out data (training's template and masking)",
+        description="""
+        Perplexity of a model (with an optional adapter) on held-out conversations: the mean negative
+        log-likelihood of exactly the tokens training learns (the answers and their end tokens), rendered with the
+        template recorded with the adapter (or --template), then exp().""",
+        examples="""
+        zhiling eval ppl --data zhiling_zh_test                             # the default model
+        zhiling eval ppl --data zhiling_zh_test --adapter runs/quickstart/adapter -o runs/ppl-after
+        zhiling eval ppl --data belle_test.json --model Qwen/Qwen2.5-0.5B --template chatml --cutoff 1024
+        """)
+    parser.add_argument("--data", required=True, help="data file, registry name or hf:NAME")
+    parser.add_argument("--format", default="auto", help="input format (default: detect)")
+    parser.add_argument("--registry", help="extra dataset registry YAML")
+    parser.add_argument("--model", help="model (hub id, folder or GGUF; default: the default model)")
+    parser.add_argument("--adapter", metavar="DIR", help="LoRA adapter folder")
+    parser.add_argument("--template", help="template (default: the one recorded with the adapter)")
+    parser.add_argument("--cutoff", type=int, default=1024, help="cutoff_len, as in training (default 1024)")
+    parser.add_argument("--mask-history", action="store_true", help="score only the last answer of each row")
+    parser.add_argument("--limit", type=int, metavar="N", help="only the first N rows")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="N")
+    parser.add_argument("-o", "--output", metavar="OUT_DIR", help="write perplexity.json and per-row scores here")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -370,4 +434,5 @@ def register(sub) -> None:
     _register_judge(group)
     _register_suite_prompts(group)
     _register_mc(group)
+    _register_ppl(group)
     _register_compare(group)
