@@ -310,3 +310,17 @@ def test_context_length_of_various_configs(tiny_model_dir):
     assert context_length_of(AutoConfig.from_pretrained(str(tiny_model_dir("gemma3")))) == 512
     bloom = AutoConfig.for_model("bloom")
     assert context_length_of(bloom) == 2048
+
+
+@pytest.mark.slow
+def test_default_model_hf_engine():
+    """The embedded Gemma 3 270M: its family template, streaming equal to batch, stop strings."""
+    engine = load_engine(None)
+    assert engine.template.name == "gemma" and engine.context_length >= 8192
+    requests = [ChatRequest("你好，请介绍一下你自己。"), ChatRequest("1 加 1 等于几？", system="你是一个数学老师。")]
+    params = GenerationConfig(max_new_tokens=12)
+    batched = engine.generate(requests, params)
+    assert [r.text for r in batched] == [engine.generate([r], params)[0].text for r in requests]
+    assert engine.stream(requests[0], params).text() == batched[0].text
+    prompt = engine.tokenizer.decode(engine.prompt_ids(requests[1]))
+    assert prompt.startswith("<bos><start_of_turn>user\n你是一个数学老师。\n\n1 加 1 等于几？<end_of_turn>\n")
