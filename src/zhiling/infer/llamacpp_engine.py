@@ -84,6 +84,12 @@ class LlamaCppTokenizer:
         return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens and self.add_bos,
                                        special=True))
 
+    def __call__(self, texts, add_special_tokens: bool = True, **kwargs) -> dict:
+        """The batch call of a Hugging Face tokenizer (``input_ids`` only)."""
+        if isinstance(texts, str):
+            return {"input_ids": self.encode(texts, add_special_tokens)}
+        return {"input_ids": [self.encode(text, add_special_tokens) for text in texts]}
+
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self._bytes(list(ids), special=not skip_special_tokens).decode("utf-8", "replace")
 
