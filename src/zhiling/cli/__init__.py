@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "zhiling.cli.data_cmd",
     "zhiling.cli.templates_cmd",
     "zhiling.cli.train_cmd",
+    "zhiling.cli.quickstart_cmd",
     "zhiling.cli.infer_cmd",
     "zhiling.cli.serve_cmd",
     "zhiling.cli.eval_cmd",

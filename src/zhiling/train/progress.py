@@ -16,7 +16,9 @@ def format_seconds(seconds: float) -> str:
 class TrainProgress:
     """A progress bar on stderr; a no-op when ``enabled`` is false (other ranks, quiet runs)."""
 
-    def __init__(self, total_steps: int, start_step: int, enabled: bool = True, description: str = "training"):
+    def __init__(self, total_steps: int, start_step: int, enabled: bool = True, description: str = "training",
+                 unit: str | None = None):
+        """``unit`` (e.g. "rows"): a plain counting bar without the loss and tokens/s columns."""
         self.enabled = enabled
         self.bar = None
         if not enabled:
@@ -25,8 +27,9 @@ class TrainProgress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
             TimeRemainingColumn
 
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} tok/s"),
+        fields = [TextColumn(unit)] if unit else [TextColumn("loss {task.fields[loss]}"),
+                                                  TextColumn("{task.fields[rate]} tok/s")]
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *fields,
                             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                             console=Console(stderr=True), transient=False)
         self.task = self.bar.add_task(description, total=total_steps, completed=start_step, loss="-", rate="-")
