@@ -178,33 +178,37 @@ class StopStrings:
 
 
 class IncrementalDecoder:
-    """Token ids in, new text out; holds back bytes of a character that is not complete yet."""
+    """Token ids in, new text out; holds back bytes of a character that is not complete yet.
+
+    Each step decodes only a short window (from the token before the last emitted text), so long answers cost
+    linear time, and both decodes in a step start at the same token, so tokenizers that treat the first token of
+    a decode specially (a leading space) give the same text as decoding everything at once."""
 
     def __init__(self, tokenizer, stop_token_ids: Iterable[int] = ()):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.text = ""
         self.skip = set(stop_token_ids)
+        self._prefix = 0  # window start
+        self._read = 0  # ids up to here are emitted
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i not in self.skip], skip_special_tokens=True)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        if not text.startswith(self.text):  # a tokenizer that re-spaces on more context: resync
-            delta, self.text = "", text
-            return delta
-        delta, self.text = text[len(self.text):], text
-        return delta
+        before = self.decode(self.ids[self._prefix:self._read])
+        now = self.decode(self.ids[self._prefix:])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self.ids)
+            return now[len(before):]
+        return ""
 
     def flush(self) -> str:
-        text = self.decode(self.ids)
-        delta = text[len(self.text):] if text.startswith(self.text) else ""
-        self.text = text
-        return delta
+        """What is left (an incomplete character included) once no more tokens come."""
+        before = self.decode(self.ids[self._prefix:self._read])
+        now = self.decode(self.ids[self._prefix:])
+        self._prefix = self._read = len(self.ids)
+        return now[len(before):]
 
 
 class TextStream:

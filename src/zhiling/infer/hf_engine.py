@@ -58,7 +58,7 @@ class StopStringCriteria(StoppingCriteria):
         self.prompt_length = prompt_length
         self.skip_ids = skip_ids
         longest = max((len(s) for s in stops.stops), default=0)
-        self.window = longest + 8  # tokens: every token decodes to at least part of one character
+        self.window = 4 * longest + 8  # tokens: a character is at most 4 byte-level tokens
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
