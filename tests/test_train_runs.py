@@ -146,3 +146,31 @@ def test_dry_run_of_stages(tmp_path, tiny_model_dir, data_file, capsys):
     assert main(["train", str(config), "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "plan: one" in printed and "plan: two" in printed and "9 (" in printed
+
+
+def test_eval_datasets_gradient_checkpointing_and_no_clipping(tmp_path, tiny_model_dir, data_file):
+    held = write_data(tmp_path / "held.jsonl", rows=5)
+    out = tmp_path / "out"
+    result = _train(tiny_config(tiny_model_dir("llama"), data_file, out, tmp_path,
+                                data={"eval_datasets": [str(held)]},
+                                training={"max_steps": 4, "eval_steps": 2, "gradient_checkpointing": True,
+                                          "max_grad_norm": 0, "gradient_accumulation_steps": 2}))
+    metrics = _rows(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [2, 4]
+    assert all(m["grad_norm"] > 0 for m in metrics if "loss" in m)
+    record = json.loads((out / "zhiling.json").read_text())
+    assert record["data"]["eval_rows"] == 5 and record["data"]["train_rows"] == 12
+    assert result.final_eval_loss == [m["eval_loss"] for m in metrics if "eval_loss" in m][-1]
+
+
+def test_report_to_a_tracker_that_is_not_installed(tmp_path, tiny_model_dir, data_file, monkeypatch):
+    import importlib.util
+
+    from zhiling.errors import ZhilingError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ZhilingError, match="report_to includes wandb, which is not installed: pip install wandb"):
+        _train(tiny_config(tiny_model_dir("llama"), data_file, tmp_path / "out", tmp_path,
+                           training={"report_to": ["wandb"]}))
+    assert not (tmp_path / "out").exists()

@@ -71,6 +71,16 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path, title: str = "trai
     return png_path
 
 
+def check_trackers(names: list[str]) -> None:
+    """Fail before training when a requested tracker is not installed."""
+    import importlib.util
+
+    modules = {"tensorboard": "tensorboard", "wandb": "wandb"}
+    for name in names:
+        if importlib.util.find_spec(modules[name]) is None:
+            raise ZhilingError(f"training.report_to includes {name}, which is not installed: pip install {name}")
+
+
 class Trackers:
     """TensorBoard and / or wandb, only when asked for in ``training.report_to``; missing packages fail early."""
 

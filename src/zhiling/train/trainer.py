@@ -36,7 +36,7 @@ from zhiling.train.data import TrainData, load_train_data
 from zhiling.train.launch import DistributedSetup, check_runtime, load_distributed_config, make_plugin
 from zhiling.train.loss import CausalLMLoss
 from zhiling.train.methods import PreparedModel, method_quantization, prepare_model
-from zhiling.train.metrics_log import MetricsLog, Trackers, plot_loss
+from zhiling.train.metrics_log import MetricsLog, Trackers, check_trackers, plot_loss
 from zhiling.train.optim import build_optimizer, build_scheduler, check_names
 from zhiling.train.outputs import (chat_command, claim_output_dir, changed_settings, config_hash, now, read_record,
                                    save_final, versions, write_record)
@@ -161,6 +161,7 @@ class Trainer:
         check_runtime(self.setup)
         self.quant = method_quantization(cfg)
         check_names(cfg.training)
+        check_trackers(cfg.training.report_to)
         if cfg.training.init_adapter:
             if cfg.training.method not in ("lora", "dora", "rslora", "qlora"):
                 raise ZhilingError(f"training.init_adapter continues an adapter, but training.method is "
