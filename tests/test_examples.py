@@ -175,6 +175,9 @@ def test_deepspeed_example_launch_command_and_clear_error_without_gpus(tmp_path,
     assert command[-3:] == ["zhiling", "train", config]
     overrides = [f"model.name_or_path={tiny_model_dir('qwen2')}", f"data.datasets=[{tiny_data}]",
                  f"output.dir={tmp_path / 'out'}"]
+    assert main(["train", config, *overrides, "--nproc", "2", "--dry-run"]) == 0  # plans, launches nothing
+    printed = capsys.readouterr().out
+    assert "2 processes" in printed and "would launch:" in printed and "--nproc_per_node=2" in printed
     if os.environ.get("CUDA_VISIBLE_DEVICES") is None:
         assert main(["train", config, *overrides]) == 1
         assert "needs CUDA GPUs" in capsys.readouterr().err

@@ -19,27 +19,30 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     processes = args.nproc or 1
-    if (processes > 1 or args.nnodes > 1 or args.print_command) and not _launched_by_torchrun():
+    launch = (processes > 1 or args.nnodes > 1 or args.print_command) and not _launched_by_torchrun()
+    command = None
+    if launch:
         from zhiling.train.launch import load_distributed_config, torchrun_command
 
         if cfg.training.distributed_config:
             load_distributed_config(cfg.training.distributed_config, cfg.training)
-        extra = ["--dry-run"] if args.dry_run else []
         command = torchrun_command(args.config, list(args.overrides), processes, args.nnodes, args.node_rank,
-                                   args.master_addr, args.master_port, extra)
-        printable = shlex.join(command)
+                                   args.master_addr, args.master_port)
         if args.print_command:
-            print(printable)
+            print(shlex.join(command))
             return 0
-        print(f"launching {processes} process{'es' if processes > 1 else ''} per node: {printable}", file=sys.stderr,
-              flush=True)
-        return subprocess.call(command)
     if args.dry_run:
         from zhiling.train.plan import plan, print_plans
 
         print(config_to_yaml(cfg), end="")
-        print_plans(plan(cfg))
+        print_plans(plan(cfg, processes=processes * args.nnodes))
+        if command:
+            print(f"would launch: {shlex.join(command)}")
         return 0
+    if command:
+        print(f"launching {processes} process{'es' if processes > 1 else ''} per node: {shlex.join(command)}",
+              file=sys.stderr, flush=True)
+        return subprocess.call(command)
     from zhiling.train.trainer import train
 
     train(cfg)

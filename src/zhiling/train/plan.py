@@ -49,6 +49,7 @@ class RunPlan:
     memory: dict[str, float] = field(default_factory=dict)  # part -> bytes
     distributed: str | None = None
     output_dir: str = ""
+    processes: int = 1
 
 
 def text_config(config):
@@ -121,15 +122,19 @@ def estimate_memory(model, cfg: ZhilingConfig, dtype, tokens_per_micro_batch: in
     return parts
 
 
-def _count_batches(lengths: list[int], cfg: ZhilingConfig, packing: bool) -> int:
+def _count_batches(lengths: list[int], cfg: ZhilingConfig, packing: bool, processes: int) -> int:
+    """Micro-batches per epoch for each process."""
     training = cfg.training
     if packing:
         budget = training.packing_tokens or cfg.data.cutoff_len
-        return len(PackedBatchSampler(lengths, max(budget, max(lengths)), seed=training.seed).batches(0))
-    return len(LengthGroupedBatchSampler(lengths, training.per_device_batch_size, seed=training.seed).batches(0))
+        sampler = PackedBatchSampler(lengths, max(budget, max(lengths)), seed=training.seed, num_replicas=processes)
+    else:
+        sampler = LengthGroupedBatchSampler(lengths, training.per_device_batch_size, seed=training.seed,
+                                            num_replicas=processes)
+    return len(sampler.batches(0))
 
 
-def plan_run(cfg: ZhilingConfig, name: str = "run", check_output: bool = True) -> RunPlan:
+def plan_run(cfg: ZhilingConfig, name: str = "run", check_output: bool = True, processes: int = 1) -> RunPlan:
     """The plan of one run (one stage), making every pre-training check."""
     import torch
 
@@ -162,9 +167,8 @@ def plan_run(cfg: ZhilingConfig, name: str = "run", check_output: bool = True) -
         prepared = prepare_model(model, cfg, quantized=False)
     lengths = [int(n) for n in data.train["length"]]
     packing = training.packing is not False
-    micro = _count_batches(lengths, cfg, packing)
-    processes = 1
-    steps_per_epoch = math.ceil(micro / training.gradient_accumulation_steps / processes)
+    micro = _count_batches(lengths, cfg, packing, processes)
+    steps_per_epoch = math.ceil(micro / training.gradient_accumulation_steps)
     total = training.max_steps if training.max_steps > 0 else max(1, math.ceil(training.num_epochs * steps_per_epoch))
     device = resolve_device(cfg.model.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
@@ -177,7 +181,7 @@ def plan_run(cfg: ZhilingConfig, name: str = "run", check_output: bool = True) -
                    data.eval_rows, int(sum(lengths)), int(sum(_label_counts(data.train))), micro, steps_per_epoch,
                    total, packing_note, device, str(dtype).replace("torch.", ""),
                    estimate_memory(prepared.model, cfg, dtype, per_micro, prepared.trainable_params),
-                   setup.describe() if setup else None, cfg.output.dir)
+                   setup.describe() if setup else None, cfg.output.dir, processes)
 
 
 def _label_counts(dataset):
@@ -186,10 +190,10 @@ def _label_counts(dataset):
             yield sum(1 for token in row if token != -100)
 
 
-def plan(cfg: ZhilingConfig) -> list[RunPlan]:
-    """Plans of every stage (or of the single run)."""
+def plan(cfg: ZhilingConfig, processes: int = 1) -> list[RunPlan]:
+    """Plans of every stage (or of the single run), for ``processes`` training processes in all."""
     if not cfg.stages:
-        return [plan_run(cfg)]
+        return [plan_run(cfg, processes=processes)]
     from zhiling.train.stages import stage_configs
 
     plans = []
@@ -198,7 +202,7 @@ def plan(cfg: ZhilingConfig) -> list[RunPlan]:
         if adapter and not Path(adapter).exists() and plans:
             stage_cfg = stage_cfg.model_copy(update={"training": stage_cfg.training.model_copy(
                 update={"init_adapter": None})})  # made by the previous stage; counted as a fresh adapter
-        plans.append(plan_run(stage_cfg, name, check_output=not plans))
+        plans.append(plan_run(stage_cfg, name, check_output=not plans, processes=processes))
     return plans
 
 
@@ -224,8 +228,9 @@ def print_plans(plans: list[RunPlan], console=None) -> None:
                                                                 else "")),
                 ("tokens per epoch", f"{item.tokens_per_epoch:,} ({item.label_tokens_per_epoch:,} trained)"),
                 ("packing", item.packing),
-                ("micro-batches per epoch", f"{item.micro_batches_per_epoch:,}"),
-                ("steps", f"{item.total_steps:,} ({item.steps_per_epoch:,} per epoch, one process)"),
+                ("micro-batches per epoch", f"{item.micro_batches_per_epoch:,} per process"),
+                ("steps", f"{item.total_steps:,} ({item.steps_per_epoch:,} per epoch, {item.processes} process"
+                          f"{'es' if item.processes > 1 else ''})"),
                 ("device, dtype", f"{item.device}, {item.dtype}")]
         if item.distributed:
             rows.append(("distributed", item.distributed))

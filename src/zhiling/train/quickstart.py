@@ -34,7 +34,7 @@ class QuickstartOptions:
     lora_rank: int = 8
     packing_tokens: int = 512
     eval_rows: int | None = None  # held-out rows to score (None: all of them)
-    batch_size: int = 64  # answers generated at once (decoding reads every weight once per step: batch widely)
+    batch_size: int = 128  # answers generated at once (each decoding step reads every weight: batch widely)
     max_new_tokens: int = 24
     show_progress: bool = True
 
