@@ -306,3 +306,47 @@ def test_converter_failure_is_reported(tmp_path, tiny_model_dir):
         export_gguf(ModelConfig(name_or_path=str(tiny_model_dir("llama"))), tmp_path / "m.gguf", quant="f16",
                     template="belle", converter=str(script))
     assert not (tmp_path / "m.gguf").exists()
+
+
+# ----- staging for the converter -------------------------------------------------------------------------------
+def test_staging_types_tokens_for_the_converter(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from dataclasses import replace
+
+    from zhiling.export.gguf_export import check_vocabulary, stage_for_converter
+    from zhiling.export.spm_vocab import read_gguf_vocab
+
+    source = write_tiny_gguf(tmp_path / "source.gguf")
+    vocab = read_gguf_vocab(source)
+    model_dir = tiny_model_dir("llama")
+    stage = stage_for_converter(model_dir, tmp_path / "stage", TEMPLATES["gemma"], tiny_tokenizer, vocab)
+    config = json.loads((stage / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == TEMPLATES["gemma"].to_jinja()
+    assert config["add_bos_token"] is True and config["add_eos_token"] is False
+    decoder = config["added_tokens_decoder"]
+    start = str(vocab.pieces.index(b"<start_of_turn>"))
+    assert decoder[start] == {"content": "<start_of_turn>", "special": True}  # GGUF control token
+    assert all(entry["special"] for entry in decoder.values())  # the tiny GGUF has no user-defined tokens
+    assert (stage / "tokenizer.model").is_file()
+    assert (stage / "model.safetensors").is_symlink() and (stage / "config.json").is_symlink()
+    assert not (stage / "chat_template.jinja").exists()
+    check_vocabulary(source, vocab)  # identical: passes
+    changed = list(vocab.types)
+    changed[int(start)] = 1
+    with pytest.raises(ZhilingError, match="1 token types differ.*<start_of_turn>"):
+        check_vocabulary(source, replace(vocab, types=changed))
+    with pytest.raises(ZhilingError, match="different token list"):
+        check_vocabulary(source, replace(vocab, pieces=vocab.pieces[:-1] + [b"other"]))
+
+
+def test_added_tokens_come_from_tokenizer_json(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from zhiling.export.gguf_export import added_tokens_from_tokenizer_json, stage_for_converter
+
+    model_dir = tiny_model_dir("qwen2")
+    decoder = added_tokens_from_tokenizer_json(model_dir / "tokenizer.json")
+    im_end = str(tiny_tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    assert decoder[im_end] == {"content": "<|im_end|>", "special": True}
+    stage = stage_for_converter(model_dir, tmp_path / "stage", TEMPLATES["chatml"], tiny_tokenizer, None)
+    config = json.loads((stage / "tokenizer_config.json").read_text())
+    assert config["added_tokens_decoder"] == decoder and config["add_bos_token"] is False  # chatml: no BOS
+    assert not (stage / "tokenizer.model").exists()
+    assert added_tokens_from_tokenizer_json(tmp_path / "missing.json") == {}

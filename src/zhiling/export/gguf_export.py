@@ -30,6 +30,7 @@ from zhiling.export.converter import Converter, convert_to_gguf, find_converter
 from zhiling.export.gguf_meta import TEMPLATE_KEY, embed_template, embedded_template, read_metadata
 from zhiling.export.merge import check_adapter_dir, stored_dtype, write_model_folder
 from zhiling.export.modelfile import write_modelfile
+from zhiling.export.spm_vocab import GgufVocab, added_tokens_from_gguf, read_gguf_vocab, write_spm
 from zhiling.models.loader import ModelSource, load_tokenizer, model_type_of, resolve_source
 
 console = Console(stderr=True)
@@ -87,9 +88,9 @@ def local_folder(cfg: ModelConfig, source: ModelSource) -> Path:
         raise ZhilingError(f"could not fetch '{source.path}' from the Hugging Face hub: {exc}") from exc
 
 
-def stage_for_converter(model_dir: Path, stage: Path, template, tokenizer, spm_source: Path | None) -> Path:
+def stage_for_converter(model_dir: Path, stage: Path, template, tokenizer, spm_source: GgufVocab | None) -> Path:
     """Links to ``model_dir``'s files plus our tokenizer_config.json (training chat template, BOS flag) and, when
-    needed, a tokenizer.model rebuilt from ``spm_source``."""
+    needed, a tokenizer.model rebuilt from the source GGUF vocabulary ``spm_source``."""
     stage.mkdir(parents=True)
     for item in model_dir.iterdir():
         if item.name not in _STAGE_SKIP and item.is_file():
@@ -99,13 +100,40 @@ def stage_for_converter(model_dir: Path, stage: Path, template, tokenizer, spm_s
     config["chat_template"] = template.to_jinja()
     config["add_bos_token"] = bool(getattr(template, "add_bos", True)) and tokenizer.bos_token is not None
     config["add_eos_token"] = False
+    if "added_tokens_decoder" not in config:  # transformers 5 keeps added tokens in tokenizer.json only
+        decoder = added_tokens_from_tokenizer_json(model_dir / "tokenizer.json")
+        if spm_source is not None:
+            decoder.update(added_tokens_from_gguf(spm_source))
+        if decoder:
+            config["added_tokens_decoder"] = decoder
     (stage / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
     if not (stage / "tokenizer.model").exists() and spm_source is not None:
-        from zhiling.export.spm_vocab import write_spm_from_gguf
-
-        with console.status(f"Rebuilding tokenizer.model from {spm_source.name}"):
-            write_spm_from_gguf(spm_source, stage / "tokenizer.model")
+        with console.status("Rebuilding tokenizer.model from the GGUF vocabulary"):
+            write_spm(spm_source, stage / "tokenizer.model")
     return stage
+
+
+def added_tokens_from_tokenizer_json(path: Path) -> dict[str, dict]:
+    """``added_tokens_decoder`` entries from a tokenizer.json (what llama.cpp's converter reads to type tokens)."""
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return {str(item["id"]): {"content": item["content"], "special": bool(item.get("special"))}
+            for item in data.get("added_tokens", []) if "id" in item and "content" in item}
+
+
+def check_vocabulary(path: Path, source: GgufVocab) -> None:
+    """The exported vocabulary must be the source GGUF's (pieces and types), or llama.cpp would tokenize
+    differently from the model's own tokenizer."""
+    written = read_gguf_vocab(path, require_spm=False)
+    if written.pieces != source.pieces:
+        raise ZhilingError(f"{path}: the converter wrote a different token list than the model's own GGUF vocabulary")
+    differ = [i for i, (a, b) in enumerate(zip(written.types, source.types))
+              if a != b and not (i == source.unk_id and {a, b} <= {2, 3})]  # <unk>: unknown vs control
+    if differ:
+        examples = ", ".join(f"{i} {source.pieces[i]!r} {source.types[i]}->{written.types[i]}" for i in differ[:5])
+        raise ZhilingError(f"{path}: {len(differ)} token types differ from the model's own GGUF vocabulary "
+                           f"({examples}); llama.cpp would tokenize differently")
 
 
 def verify_export(path: Path, template, add_bos: bool) -> None:
@@ -159,7 +187,10 @@ def export_gguf(model_cfg: ModelConfig, out_file: str | Path, *, adapter: str | 
                                          model_dir=model_dir, system=system)
             dtype = stored_dtype(source, model_cfg.trust_remote_code)
         add_bos = bool(getattr(chosen, "add_bos", True)) and tokenizer.bos_token is not None
-        spm_source = source_gguf_file(model_cfg, source) if not (model_dir / "tokenizer.model").exists() else None
+        spm_source = None
+        if not (model_dir / "tokenizer.model").exists() and (gguf_file := source_gguf_file(model_cfg, source)):
+            vocab = read_gguf_vocab(gguf_file, require_spm=False)
+            spm_source = vocab if vocab.model == "llama" else None
         stage = stage_for_converter(model_dir, work / out.stem, chosen, tokenizer, spm_source)  # the converter names the model after this folder
         converted = work / f"converted-{quant}.gguf"
         if quant == "q4_k_m":
@@ -173,6 +204,8 @@ def export_gguf(model_cfg: ModelConfig, out_file: str | Path, *, adapter: str | 
         partial = embed_template(converted, work / out.name, chosen)
         converted.unlink()
         verify_export(partial, chosen, add_bos)
+        if spm_source is not None:
+            check_vocabulary(partial, spm_source)
         os.replace(partial, out)
     written = None
     if ollama:

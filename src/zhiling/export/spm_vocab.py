@@ -14,6 +14,7 @@ types (1 normal, 2 unknown, 3 control, 4 user defined, 5 unused, 6 byte).
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from zhiling.errors import ZhilingError
@@ -70,46 +71,81 @@ def encode_model(pieces: list[bytes], scores: list[float], types: list[int], *, 
     return bytes(body)
 
 
-def _field(reader, key: str, required: bool = True):
-    field = reader.fields.get(key)
-    if field is None:
-        if required:
-            raise ZhilingError(f"{reader.path if hasattr(reader, 'path') else 'GGUF'}: no '{key}' in its metadata")
-        return None
-    return field
+@dataclass(frozen=True)
+class GgufVocab:
+    """The vocabulary stored in a GGUF file (``model`` 'llama' is SentencePiece-style)."""
+
+    model: str
+    pieces: list[bytes]
+    scores: list[float]
+    types: list[int]
+    unk_id: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    add_space_prefix: bool
 
 
-def write_spm_from_gguf(gguf_path: str | Path, out_path: str | Path) -> Path:
-    """Write ``tokenizer.model`` for the SentencePiece vocabulary stored in ``gguf_path``."""
+def read_gguf_vocab(gguf_path: str | Path, require_spm: bool = True) -> GgufVocab:
     from gguf import GGUFReader
 
     gguf_path = Path(gguf_path)
     reader = GGUFReader(str(gguf_path))
-    model = _field(reader, "tokenizer.ggml.model").contents()
-    if model != "llama":
+
+    def field(key: str):
+        found = reader.fields.get(key)
+        if found is None:
+            raise ZhilingError(f"{gguf_path}: no '{key}' in its metadata")
+        return found
+
+    model = field("tokenizer.ggml.model").contents()
+    if require_spm and model != "llama":
         raise ZhilingError(f"{gguf_path}: its vocabulary is '{model}', not a SentencePiece ('llama') one; "
                            f"a tokenizer.model cannot be rebuilt from it")
-    tokens = _field(reader, "tokenizer.ggml.tokens")
+    tokens = field("tokenizer.ggml.tokens")
     pieces = [bytes(tokens.parts[index]) for index in tokens.data]
-    scores_field = _field(reader, "tokenizer.ggml.scores", required=False)
+    scores_field = reader.fields.get("tokenizer.ggml.scores")
     scores = list(scores_field.contents()) if scores_field is not None else [0.0] * len(pieces)
-    types_field = _field(reader, "tokenizer.ggml.token_type", required=False)
-    types = list(types_field.contents()) if types_field is not None else [NORMAL] * len(pieces)
+    types_field = reader.fields.get("tokenizer.ggml.token_type")
+    types = [int(t) for t in types_field.contents()] if types_field is not None else [NORMAL] * len(pieces)
 
-    def special(name: str, default: int) -> int:
-        field = reader.fields.get(f"tokenizer.ggml.{name}_token_id")
-        return int(field.contents()) if field is not None else default
+    def special(name: str, default: int = -1) -> int:
+        found = reader.fields.get(f"tokenizer.ggml.{name}_token_id")
+        return int(found.contents()) if found is not None else default
 
-    unk_id = special("unknown", -1)
+    unk_id = special("unknown")
     if unk_id < 0:
         unk_id = next((i for i, piece in enumerate(pieces) if piece == b"<unk>"), -1)
-    if unk_id < 0:
-        raise ZhilingError(f"{gguf_path}: its vocabulary has no unknown token, which SentencePiece requires")
-    types = [UNKNOWN if i == unk_id else (CONTROL if kind == UNKNOWN else kind) for i, kind in enumerate(types)]
-    space_field = reader.fields.get("tokenizer.ggml.add_space_prefix")
-    data = encode_model(pieces, scores, types, unk_id=unk_id, bos_id=special("bos", -1), eos_id=special("eos", -1),
-                        pad_id=special("padding", -1),
-                        add_dummy_prefix=bool(space_field.contents()) if space_field is not None else False)
+    space = reader.fields.get("tokenizer.ggml.add_space_prefix")
+    return GgufVocab(model, pieces, scores, types, unk_id, special("bos"), special("eos"), special("padding"),
+                     bool(space.contents()) if space is not None else False)
+
+
+def write_spm_from_gguf(gguf_path: str | Path, out_path: str | Path) -> Path:
+    """Write ``tokenizer.model`` for the SentencePiece vocabulary stored in ``gguf_path``."""
+    return write_spm(read_gguf_vocab(gguf_path), out_path, str(gguf_path))
+
+
+def write_spm(vocab: GgufVocab, out_path: str | Path, where: str = "GGUF") -> Path:
+    """Write ``tokenizer.model`` for a SentencePiece-style GGUF vocabulary."""
+    if vocab.model != "llama":
+        raise ZhilingError(f"{where}: its vocabulary is '{vocab.model}', not a SentencePiece ('llama') one; "
+                           f"a tokenizer.model cannot be rebuilt from it")
+    if vocab.unk_id < 0:
+        raise ZhilingError(f"{where}: its vocabulary has no unknown token, which SentencePiece requires")
+    types = [UNKNOWN if i == vocab.unk_id else (CONTROL if kind == UNKNOWN else kind)
+             for i, kind in enumerate(vocab.types)]
+    data = encode_model(vocab.pieces, vocab.scores, types, unk_id=vocab.unk_id, bos_id=vocab.bos_id,
+                        eos_id=vocab.eos_id, pad_id=vocab.pad_id, add_dummy_prefix=vocab.add_space_prefix)
     out_path = Path(out_path)
     out_path.write_bytes(data)
     return out_path
+
+
+def added_tokens_from_gguf(vocab: GgufVocab) -> dict[str, dict]:
+    """``added_tokens_decoder`` entries (tokenizer_config.json) for the control and user-defined tokens.
+
+    SentencePiece's Python API cannot tell user-defined pieces from normal ones, so llama.cpp's converter learns
+    them from here; without it tokens such as Gemma's runs of spaces would be split differently by llama.cpp."""
+    return {str(i): {"content": piece.decode("utf-8", "replace"), "special": kind == CONTROL}
+            for i, (piece, kind) in enumerate(zip(vocab.pieces, vocab.types)) if kind in (CONTROL, USER_DEFINED)}
