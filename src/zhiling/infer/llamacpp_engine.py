@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+import weakref
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
@@ -169,6 +170,8 @@ class LlamaCppEngine(Engine):
         super().__init__(tokenizer, template, **kwargs)
         self.llm = llm
         self._lock = threading.Lock()  # one llama.cpp context: one generation at a time
+        # free llama.cpp's model before the interpreter tears modules down (its own __del__ fails that late)
+        self._finalizer = weakref.finalize(self, llm.close)
 
     # ----- llama.cpp state ------------------------------------------------------------------------------------
     def _prime(self, prompt: list[int]) -> None:
@@ -244,9 +247,8 @@ class LlamaCppEngine(Engine):
         return self._tokens(prompt, params, cancel)
 
     def close(self) -> None:
-        llm, self.llm = self.llm, None
-        if llm is not None:
-            llm.close()
+        self.llm = None
+        self._finalizer()
 
 
 # ----- loading ---------------------------------------------------------------------------------------------------
