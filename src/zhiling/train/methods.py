@@ -191,7 +191,10 @@ def prepare_model(model, cfg: ZhilingConfig, quantized: bool) -> PreparedModel:
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
         keep_4bit_trainable_on_cpu(model)
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     targets: list[str] = []
     trained_layers: list[int] = []
     if method in ADAPTER_METHODS:
