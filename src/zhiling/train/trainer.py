@@ -102,10 +102,10 @@ def model_id(cfg: ZhilingConfig, source) -> str:
 
 
 class Trainer:
-    def __init__(self, cfg: ZhilingConfig, *, show_progress: bool = True, console=None, announce=None):
+    def __init__(self, cfg: ZhilingConfig, *, show_progress: bool = True, announce=None):
+        """``announce`` receives the run's one-line messages (default: printed to stderr by rank 0)."""
         self.cfg = cfg
         self.show_progress = show_progress
-        self.console = console
         self.announce = announce
         self.out = Path(cfg.output.dir)
 
@@ -205,7 +205,9 @@ class Trainer:
             return None
         final_dir = self.out / ("adapter" if self.cfg.training.method in ("lora", "dora", "rslora", "qlora")
                                 else "model")
-        if record.get("run_hash") == self.run_hash and final_dir.is_dir():
+        if record.get("run_hash") == self.run_hash:
+            if not final_dir.is_dir():
+                return None  # its result was removed: train it again (from its last checkpoint, if any)
             metrics = record.get("metrics", {})
             return TrainResult(self.out, final_dir, final_dir.name == "adapter", metrics.get("steps", 0),
                                metrics.get("tokens", 0), metrics.get("label_tokens", 0),
