@@ -350,3 +350,15 @@ def test_added_tokens_come_from_tokenizer_json(tmp_path, tiny_model_dir, tiny_to
     assert config["added_tokens_decoder"] == decoder and config["add_bos_token"] is False  # chatml: no BOS
     assert not (stage / "tokenizer.model").exists()
     assert added_tokens_from_tokenizer_json(tmp_path / "missing.json") == {}
+
+
+def test_auto_template_keeps_the_models_bos_setting(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from zhiling.data.templates import TokenizerTemplate
+    from zhiling.export.gguf_export import stage_for_converter, wanted_bos
+
+    auto = TokenizerTemplate("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert wanted_bos(auto, tiny_tokenizer) is None
+    assert wanted_bos(TEMPLATES["alpaca"], tiny_tokenizer) is True and wanted_bos(TEMPLATES["chatml"], tiny_tokenizer) is False
+    stage = stage_for_converter(tiny_model_dir("llama"), tmp_path / "stage", auto, tiny_tokenizer, None)
+    config = json.loads((stage / "tokenizer_config.json").read_text())
+    assert "add_bos_token" not in config and config["chat_template"] == auto.chat_template

@@ -24,7 +24,7 @@ from pathlib import Path
 from rich.console import Console
 
 from zhiling.config import ModelConfig
-from zhiling.data.templates import resolve_template
+from zhiling.data.templates import Template, resolve_template
 from zhiling.errors import ZhilingError
 from zhiling.export.converter import Converter, convert_to_gguf, find_converter
 from zhiling.export.gguf_meta import TEMPLATE_KEY, embed_template, embedded_template, read_metadata
@@ -98,7 +98,9 @@ def stage_for_converter(model_dir: Path, stage: Path, template, tokenizer, spm_s
     config_path = model_dir / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
     config["chat_template"] = template.to_jinja()
-    config["add_bos_token"] = bool(getattr(template, "add_bos", True)) and tokenizer.bos_token is not None
+    bos = wanted_bos(template, tokenizer)
+    if bos is not None:
+        config["add_bos_token"] = bos
     config["add_eos_token"] = False
     if "added_tokens_decoder" not in config:  # transformers 5 keeps added tokens in tokenizer.json only
         decoder = added_tokens_from_tokenizer_json(model_dir / "tokenizer.json")
@@ -136,13 +138,22 @@ def check_vocabulary(path: Path, source: GgufVocab) -> None:
                            f"({examples}); llama.cpp would tokenize differently")
 
 
-def verify_export(path: Path, template, add_bos: bool) -> None:
+def wanted_bos(template, tokenizer) -> bool | None:
+    """Whether llama.cpp / Ollama should add BOS to prompts: what a zhiling template says; None (the model's own
+    setting) for the tokenizer's own chat template ('auto'), which decides about BOS itself."""
+    if not isinstance(template, Template):
+        return None
+    return template.add_bos and tokenizer.bos_token is not None
+
+
+def verify_export(path: Path, template, add_bos: bool | None) -> None:
     """The written GGUF must carry the training template and the BOS flag it needs (never trust silently)."""
     meta = read_metadata(path, ("tokenizer.chat_template", "tokenizer.ggml.add_bos_token", TEMPLATE_KEY))
     if meta["tokenizer.chat_template"] != template.to_jinja():
         raise ZhilingError(f"{path}: the converter did not write the training chat template into the GGUF metadata "
                            f"(tokenizer.chat_template); the file would prompt the model differently")
-    if meta["tokenizer.ggml.add_bos_token"] is not None and bool(meta["tokenizer.ggml.add_bos_token"]) != add_bos:
+    written_bos = meta["tokenizer.ggml.add_bos_token"]
+    if add_bos is not None and written_bos is not None and bool(written_bos) != add_bos:
         raise ZhilingError(f"{path}: tokenizer.ggml.add_bos_token is {meta['tokenizer.ggml.add_bos_token']} but the "
                            f"template wants {add_bos}")
     if embedded_template(path) != template:
@@ -186,7 +197,7 @@ def export_gguf(model_cfg: ModelConfig, out_file: str | Path, *, adapter: str | 
             chosen, _ = resolve_template(template, tokenizer, model_type_of(source, model_cfg.trust_remote_code),
                                          model_dir=model_dir, system=system)
             dtype = stored_dtype(source, model_cfg.trust_remote_code)
-        add_bos = bool(getattr(chosen, "add_bos", True)) and tokenizer.bos_token is not None
+        add_bos = wanted_bos(chosen, tokenizer)
         spm_source = None
         if not (model_dir / "tokenizer.model").exists() and (gguf_file := source_gguf_file(model_cfg, source)):
             vocab = read_gguf_vocab(gguf_file, require_spm=False)
