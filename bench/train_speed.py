@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 IGNORE_INDEX = -100
+EVAL_ROWS = 8  # the loss check after training runs on this many rows (the same rows for every way)
 WAYS = {"a": "plain: Trainer + peft, padded to cutoff_len",
         "b": "dynamic padding: Trainer + peft, DataCollatorForSeq2Seq",
         "c": "zhiling: packing + label-only logits"}
@@ -69,9 +70,17 @@ SENTENCES = [
 ]
 
 
-def _row_text(rng: random.Random) -> tuple[str, str]:
+SHORT_TASKS = [("判断情感：这部电影真好看。", "积极。"), ("判断情感：服务太差了，再也不来了。", "消极。"),
+               ("中国的首都是哪里？", "北京。"), ("一年有几个季节？", "四个：春、夏、秋、冬。"), ("2 加 3 等于几？", "5。"),
+               ("把“你好”翻译成英文。", "Hello."), ("太阳从哪边升起？", "东边。")]
+
+
+def _row_text(rng: random.Random, target: int) -> tuple[str, str]:
+    """An instruction and the start of its answer; short rows get short question-and-answer tasks."""
+    if target < 40:
+        return rng.choice(SHORT_TASKS)
     instruction = rng.choice(INSTRUCTIONS).format(t=rng.choice(TOPICS))
-    if "下面" in instruction or rng.random() < 0.15:
+    if target >= 80 and ("下面" in instruction or rng.random() < 0.15):
         instruction += "\n" + rng.choice(INPUTS)
     return instruction, ""
 
@@ -90,23 +99,28 @@ def synthetic_records(count: int, seed: int, tokenizer, template, cutoff_len: in
     options = TokenizeOptions(cutoff_len=max(cutoff_len, longest + 64))
     records = []
     for index, target in enumerate(targets):
-        instruction, answer = _row_text(rng)
+        instruction, answer = _row_text(rng, target)
         record = {"id": f"bench-{index:05d}", "system": "", "source": "bench",
-                  "messages": [{"role": "user", "content": instruction}, {"role": "assistant", "content": ""}]}
-        length = 0
-        while True:  # grow the answer sentence by sentence, then trim characters to land on the target
-            sentence = rng.choice(SENTENCES)
-            record["messages"][1]["content"] = answer + sentence
-            length = build_example(template, tokenizer, record, options)["length"]
-            if length >= target:
-                break
-            answer += sentence
-        text = record["messages"][1]["content"]
-        while length > target and len(text) > 1:
-            text = text[:-1]
-            record["messages"][1]["content"] = text
-            length = build_example(template, tokenizer, record, options)["length"]
+                  "messages": [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}]}
         records.append(record)
+        if answer:  # a short task keeps its whole answer
+            continue
+
+        def length_with(text: str) -> int:
+            record["messages"][1]["content"] = text
+            return build_example(template, tokenizer, record, options)["length"]
+
+        text = ""
+        while length_with(text) < target:  # grow the answer sentence by sentence ...
+            text += rng.choice(SENTENCES)
+        low, high = 1, len(text)  # ... then keep its longest prefix that fits the target (binary search)
+        while low < high:
+            middle = (low + high + 1) // 2
+            if length_with(text[:middle]) <= target:
+                low = middle
+            else:
+                high = middle - 1
+        record["messages"][1]["content"] = text[:low]
     return records
 
 
@@ -127,16 +141,15 @@ def peak_rss_mb() -> float:
 
 
 def matmul_peak_gflops(device: str, seconds: float = 3.0) -> float:
-    """The best fp32 (TF32 off) matmul rate over a few square sizes: the machine's practical peak."""
+    """The best matmul rate over a few square sizes, in the dtype training uses (fp32 on CPU, bf16 on CUDA)."""
     import torch
 
     best = 0.0
     sizes = (1024, 2048, 3072) if device == "cpu" else (4096, 8192)
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = False
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
     for size in sizes:
-        a = torch.randn(size, size, device=device)
-        b = torch.randn(size, size, device=device)
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
         torch.matmul(a, b)  # warm-up
         _sync(device)
         runs, start = 0, time.perf_counter()
@@ -224,7 +237,6 @@ class _CountingCollator:
 
 def run_trainer_way(settings: dict, rows: list[dict], pad_to_cutoff: bool) -> dict:
     import torch
-    from datasets import Dataset
     from transformers import (AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments,
                               set_seed)
 
@@ -233,8 +245,8 @@ def run_trainer_way(settings: dict, rows: list[dict], pad_to_cutoff: bool) -> di
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = _load_peft_model(settings)
-    data = Dataset.from_list([{"input_ids": r["input_ids"], "attention_mask": [1] * len(r["input_ids"]),
-                               "labels": r["labels"]} for r in rows])
+    data = [{"input_ids": r["input_ids"], "attention_mask": [1] * len(r["input_ids"]), "labels": r["labels"]}
+            for r in rows]  # a plain list: the Trainer samples it like any map-style dataset
     if pad_to_cutoff:
         inner = DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=settings["cutoff_len"],
                                        label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
@@ -268,7 +280,7 @@ def run_trainer_way(settings: dict, rows: list[dict], pad_to_cutoff: bool) -> di
               "positions": collator.positions, "steps": trainer.state.global_step,
               "code_path": "transformers.Trainer"}
     if settings["eval"]:
-        result["loss_after"] = loss_on_rows(model, rows, settings["device"])
+        result["loss_after"] = loss_on_rows(model, rows[:EVAL_ROWS], settings["device"])
     return result
 
 
@@ -324,7 +336,7 @@ def run_zhiling_way(settings: dict, records: list[dict]) -> dict:
         dtype = torch.float32 if settings["device"] == "cpu" else torch.bfloat16
         base = AutoModelForCausalLM.from_pretrained(settings["model_path"], dtype=dtype).to(settings["device"])
         model = PeftModel.from_pretrained(base, str(result.final_dir))
-        out["loss_after"] = loss_on_rows(model, settings["rows"], settings["device"])
+        out["loss_after"] = loss_on_rows(model, settings["rows"][:EVAL_ROWS], settings["device"])
     return out
 
 
@@ -332,7 +344,7 @@ def run_own_loop(settings: dict, records: list[dict], profile: bool = False) -> 
     """(c) with zhiling's components in a minimal loop (packing sampler + collator, label-only loss, AdamW)."""
     import torch
 
-    from zhiling.train.loss import label_only_loss
+    import zhiling.train.loss as loss_module
     from zhiling.train.packing import PackedBatchSampler, packed_collator_for
 
     rows = settings["rows"]
@@ -356,7 +368,7 @@ def run_own_loop(settings: dict, records: list[dict], profile: bool = False) -> 
         batch = {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else
                      v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
         useful += int(batch["input_ids"].numel())
-        out = label_only_loss(model, batch)
+        out = loss_module.label_only_loss(model, batch)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
@@ -386,7 +398,7 @@ def run_own_loop(settings: dict, records: list[dict], profile: bool = False) -> 
     if table is not None:
         result["profile"] = table
     elif settings["eval"]:
-        result["loss_after"] = loss_on_rows(model, rows, device)
+        result["loss_after"] = loss_on_rows(model, rows[:EVAL_ROWS], device)
     return result
 
 
@@ -425,7 +437,8 @@ def parse_args(argv=None):
     parser.add_argument("--cutoff-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4, help="rows per batch for (a) and (b) (default 4)")
     parser.add_argument("--packing-tokens", type=int, default=None,
-                        help="token budget of a packed micro-batch for (c) (default: cutoff_len)")
+                        help="token budget of a packed micro-batch for (c) (default: cutoff_len on CPU, "
+                             "batch size x cutoff_len on GPU)")
     parser.add_argument("--ways", default="a,b,c", help="which ways to run, e.g. b,c")
     parser.add_argument("--c-path", choices=["zhiling", "own"], default="zhiling",
                         help="(c) through zhiling's training function (default) or the bench's minimal loop")
@@ -436,7 +449,8 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="(c) with training.compile")
     parser.add_argument("--profile", action="store_true", help="also profile three packed steps of (c)")
     parser.add_argument("--no-eval", action="store_true",
-                        help="skip the loss check after training (each way's loss on all rows, untimed)")
+                        help=f"skip the loss check after training (each way's loss on the first {EVAL_ROWS} rows, "
+                             f"untimed)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
@@ -448,6 +462,7 @@ def prepare(args, workdir: Path) -> dict:
     from zhiling.config import ModelConfig
     from zhiling.data.templates import resolve_template
     from zhiling.models.loader import load_tokenizer, model_type_of, resolve_source
+    from zhiling.train.packing import default_packing_tokens
 
     model_cfg = ModelConfig(name_or_path=args.model)
     source = resolve_source(model_cfg)
@@ -461,7 +476,9 @@ def prepare(args, workdir: Path) -> dict:
     (workdir / "rows.json").write_text(json.dumps(rows), encoding="utf-8")
     settings = {"model_path": source.path, "model_arg": args.model, "device": args.device, "threads": args.threads,
                 "seed": args.seed, "cutoff_len": args.cutoff_len, "batch_size": args.batch_size,
-                "packing_tokens": args.packing_tokens or args.cutoff_len, "learning_rate": 2e-4, "lora_rank": 8,
+                "packing_tokens": args.packing_tokens or default_packing_tokens(args.device, args.batch_size,
+                                                                                args.cutoff_len),
+                "learning_rate": 2e-4, "lora_rank": 8,
                 "lora_alpha": 16, "lora_dropout": 0.05, "lora_targets": args.lora_targets, "compile": args.compile,
                 "c_path": args.c_path, "eval": not args.no_eval, "workdir": str(workdir)}
     (workdir / "settings.json").write_text(json.dumps(settings), encoding="utf-8")
@@ -528,7 +545,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     peak = matmul_peak_gflops(args.device)
-    console.print(f"device: {args.device}, {args.threads} threads, torch {torch.__version__}; measured fp32 matmul "
+    kind = "fp32" if args.device == "cpu" else "bf16"
+    console.print(f"device: {args.device}, {args.threads} threads, torch {torch.__version__}; measured {kind} matmul "
                   f"peak {peak:,.1f} GFLOP/s; load average {os.getloadavg()[0]:.2f}")
     results = {}
     log_path = workdir / "workers.log"
@@ -564,6 +582,8 @@ def main(argv=None) -> int:
         if cuda:
             cells.append(f"{r.get('peak_gpu_mb', 0):,.0f}")
         table.add_row(*cells)
+        if r.get("loss_after") is not None and not math.isfinite(r["loss_after"]):
+            console.print(f"[red]({way}) its loss after training is not finite: that way diverged on this run")
         if r["useful_tokens"] != sum(lengths):
             console.print(f"[yellow]({way}) trained {r['useful_tokens']:,} tokens, the rows hold {sum(lengths):,}")
     console.print(table)

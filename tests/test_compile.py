@@ -85,4 +85,4 @@ def test_missing_cpu_compiler_falls_back(monkeypatch):
 def test_model_without_repeated_layers_is_left_uncompiled():
     model = torch.nn.Linear(4, 4)
     with pytest.warns(UserWarning, match="no repeated decoder layers"):
-        assert maybe_compile(model, True, example_batch=batches[0]) is model
+        assert maybe_compile(model, True) is model

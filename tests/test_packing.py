@@ -9,7 +9,7 @@ from tiny import make_config
 from zhiling.errors import ZhilingError
 from zhiling.train.packing import (IGNORE_INDEX, AttentionLayout, LengthGroupedBatchSampler, PackedBatchSampler,
                                    PackedCollator, PaddedCollator, attention_layout, block_causal_mask,
-                                   pack_rows, packed_collator_for, useful_tokens)
+                                   default_packing_tokens, pack_rows, packed_collator_for, useful_tokens)
 
 VOCAB = 300
 
@@ -63,6 +63,12 @@ def test_packed_sampler_order_depends_only_on_seed_and_epoch():
     assert list(first) == again.batches(3)
     assert len(first) == len(again.batches(3))
     assert 0.9 < first.fill_ratio() <= 1.0
+
+
+def test_default_packing_budget_depends_on_the_device():
+    assert default_packing_tokens("cpu", 8, 512) == 512
+    assert default_packing_tokens("cuda", 8, 512) == 4096
+    assert default_packing_tokens("cuda:1", 2, 1024) == 2048
 
 
 def test_samplers_shard_across_processes_without_losing_rows():

@@ -362,6 +362,20 @@ class PaddedCollator:
         return {"input_ids": input_ids, "labels": label_tensor, "attention_mask": attention}
 
 
+def default_packing_tokens(device: str, per_device_batch_size: int, cutoff_len: int) -> int:
+    """Token budget of a packed micro-batch when the config sets none.
+
+    On a GPU, a micro-batch holds as many tokens as a padded batch could (``per_device_batch_size x cutoff_len``):
+    with only ``cutoff_len`` tokens per step a GPU waits on kernel launches (measured on an H100 with Gemma 3 270M:
+    1,126 tokens/s at 512 tokens per micro-batch, 10,422 at 4,096). On a CPU, ``cutoff_len``: the block-diagonal
+    mask makes attention cost grow with the square of the micro-batch length, and the matmuls are already large
+    (measured on 2 Xeon cores: 115 tokens/s at 512, 89 at 2,048).
+    """
+    if str(device).startswith("cpu"):
+        return cutoff_len
+    return per_device_batch_size * cutoff_len
+
+
 def packed_collator_for(model, max_tokens: int | None = None) -> PackedCollator:
     """The packed collator matching this model's attention kernel, windows and dtype."""
     import torch
