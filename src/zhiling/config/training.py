@@ -29,7 +29,8 @@ class TrainingConfig(Section):
     gradient_checkpointing: bool = Field(False)
     packing: bool | None = Field(None, description="padding-free packing (default: on where the model supports it)")
     packing_tokens: int | None = Field(
-        None, ge=8, description="token budget of one packed micro-batch (default per_device_batch_size x cutoff_len)")
+        None, ge=8, description="token budget of one packed micro-batch (default: cutoff_len on CPU, "
+                               "per_device_batch_size x cutoff_len on GPUs)")
     group_by_length: bool = Field(True, description="unpacked batches: group rows of similar length (less padding)")
     loss: Literal["label_only", "full"] = Field(
         "label_only", description="label_only: LM head and cross-entropy only where labels exist, in chunks; "

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from zhiling.errors import ConfigError
 from zhiling.train.loss import IGNORE_INDEX, plain_loss, unwrap_model
-from zhiling.train.packing import (LengthGroupedBatchSampler, PackedBatchSampler, PaddedCollator, pack_rows,
-                                   packed_collator_for)
+from zhiling.train.packing import (LengthGroupedBatchSampler, PackedBatchSampler, PaddedCollator,
+                                   default_packing_tokens, pack_rows, packed_collator_for)
 
 LENGTH_GROUP_FACTOR = 50
 
@@ -70,10 +70,15 @@ class Batching:
         return self.sampler.batches(epoch)
 
 
+def packing_budget(training, cutoff_len: int, device: str) -> int:
+    """Tokens per packed micro-batch: ``training.packing_tokens``, else the device's default (see packing)."""
+    return training.packing_tokens or default_packing_tokens(device, training.per_device_batch_size, cutoff_len)
+
+
 def choose_batching(model, tokenizer, lengths: list[int], training, cutoff_len: int, processes: int,
-                    rank: int) -> Batching:
+                    rank: int, device: str = "cpu") -> Batching:
     """Packing when asked for or (by default) when the check passes; else length-grouped dynamic padding."""
-    budget = training.packing_tokens or cutoff_len
+    budget = packing_budget(training, cutoff_len, device)
     packing = training.packing
     reason = ""
     if packing is not False:

@@ -18,6 +18,7 @@ from zhiling.data.templates import resolve_template
 from zhiling.errors import ZhilingError
 from zhiling.models.loader import (check_adapter_matches, load_tokenizer, model_type_of, resolve_device,
                                    resolve_dtype, resolve_source)
+from zhiling.train.batches import packing_budget
 from zhiling.train.data import load_train_data
 from zhiling.train.launch import load_distributed_config
 from zhiling.train.methods import method_quantization, prepare_model
@@ -122,11 +123,11 @@ def estimate_memory(model, cfg: ZhilingConfig, dtype, tokens_per_micro_batch: in
     return parts
 
 
-def _count_batches(lengths: list[int], cfg: ZhilingConfig, packing: bool, processes: int) -> int:
+def _count_batches(lengths: list[int], cfg: ZhilingConfig, packing: bool, processes: int, device: str) -> int:
     """Micro-batches per epoch for each process."""
     training = cfg.training
     if packing:
-        budget = training.packing_tokens or cfg.data.cutoff_len
+        budget = packing_budget(training, cfg.data.cutoff_len, device)
         sampler = PackedBatchSampler(lengths, max(budget, max(lengths)), seed=training.seed, num_replicas=processes)
     else:
         sampler = LengthGroupedBatchSampler(lengths, training.per_device_batch_size, seed=training.seed,
@@ -136,8 +137,6 @@ def _count_batches(lengths: list[int], cfg: ZhilingConfig, packing: bool, proces
 
 def plan_run(cfg: ZhilingConfig, name: str = "run", check_output: bool = True, processes: int = 1) -> RunPlan:
     """The plan of one run (one stage), making every pre-training check."""
-    import torch
-
     training = cfg.training
     setup = load_distributed_config(training.distributed_config, training) if training.distributed_config else None
     method_quantization(cfg)
@@ -167,12 +166,12 @@ def plan_run(cfg: ZhilingConfig, name: str = "run", check_output: bool = True, p
         prepared = prepare_model(model, cfg, quantized=False)
     lengths = [int(n) for n in data.train["length"]]
     packing = training.packing is not False
-    micro = _count_batches(lengths, cfg, packing, processes)
+    device = resolve_device(cfg.model.device)
+    micro = _count_batches(lengths, cfg, packing, processes, device)
     steps_per_epoch = math.ceil(micro / training.gradient_accumulation_steps)
     total = training.max_steps if training.max_steps > 0 else max(1, math.ceil(training.num_epochs * steps_per_epoch))
-    device = resolve_device(cfg.model.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
-    per_micro = (training.packing_tokens or cfg.data.cutoff_len) if packing else \
+    per_micro = packing_budget(training, cfg.data.cutoff_len, device) if packing else \
         training.per_device_batch_size * max(lengths)
     packing_note = ("on where exact for the model (checked at start)" if training.packing is None
                     else "on" if packing else "off")

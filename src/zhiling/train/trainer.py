@@ -252,7 +252,7 @@ class Trainer:
         self.processes, self.rank = self.acc.num_processes, self.acc.process_index
         lengths = [int(n) for n in self.data.train["length"]]
         self.batching: Batching = choose_batching(self.model, self.tokenizer, lengths, training, cfg.data.cutoff_len,
-                                                  self.processes, self.rank)
+                                                  self.processes, self.rank, str(self.acc.device))
         self.accum = training.gradient_accumulation_steps
         self.steps_per_epoch = math.ceil(len(self.batching.micro_batches(0)) / self.accum)
         if training.max_steps > 0:
@@ -313,7 +313,7 @@ class Trainer:
         changes = ckpt.fingerprint_changes(saved.fingerprint, self.fingerprint)
         if changes:
             raise ZhilingError(f"cannot resume from {path}: " + "; ".join(changes) + ". Set training.resume=false to "
-                               f"start this run over, or choose another output.dir")
+                               "start this run over, or choose another output.dir")
         if self.sharded:
             self.acc.load_state(str(path / "engine"))
         else:
