@@ -11,6 +11,7 @@ training section, so the two files can never disagree silently.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib.util
 import json
@@ -235,10 +236,6 @@ def load_distributed_config(path: str | Path, training: TrainingConfig) -> Distr
     return setup
 
 
-def _filled_ds_config(config: dict) -> dict:
-    return json.loads(json.dumps(config))
-
-
 def make_plugin(setup: DistributedSetup):
     """The accelerate plugin object for this setup (None for plain DDP). Building it needs neither GPUs nor
     deepspeed, so it doubles as a check of the values."""
@@ -253,8 +250,8 @@ def make_plugin(setup: DistributedSetup):
             warnings.simplefilter("ignore")
             if setup.kind == "deepspeed":
                 kwargs = dict(setup.plugin_kwargs)
-                if "hf_ds_config" in kwargs:
-                    kwargs["hf_ds_config"] = _filled_ds_config(kwargs["hf_ds_config"])
+                if "hf_ds_config" in kwargs:  # accelerate fills in "auto" values in place: give it a copy
+                    kwargs["hf_ds_config"] = copy.deepcopy(kwargs["hf_ds_config"])
                 return DeepSpeedPlugin(**kwargs)
             return FullyShardedDataParallelPlugin(**setup.plugin_kwargs)
     except (ValueError, TypeError, KeyError) as exc:
