@@ -6,11 +6,12 @@ Steps for ``--format gguf``:
 1. With an adapter, merge it into the base (``merge.write_model_folder``) in a work folder beside the output;
    without one, use the base folder as it is.
 2. Stage the folder for the converter: links to its weights, a ``tokenizer_config.json`` carrying the training
-   template as ``chat_template`` and ``add_bos_token`` as the template wants, and, for a model that came from a
-   GGUF file (the embedded default), a ``tokenizer.model`` rebuilt from that file's vocabulary.
+   template as ``chat_template``, ``add_bos_token`` as the template wants and the added tokens with their special
+   flags, and, for a model that came from a GGUF file (the embedded default), a ``tokenizer.model`` rebuilt from
+   that file's vocabulary.
 3. Convert (f16 / q8_0 directly; q4_k_m through f16 and llama.cpp's quantizer).
 4. Add the template record as metadata (``zhiling.template``) and check the written file: the chat template, BOS
-   flag and record must be what the template says.
+   flag and record must be what the template says, and a vocabulary rebuilt from a GGUF must come out unchanged.
 """
 
 from __future__ import annotations
@@ -202,7 +203,8 @@ def export_gguf(model_cfg: ModelConfig, out_file: str | Path, *, adapter: str | 
         if not (model_dir / "tokenizer.model").exists() and (gguf_file := source_gguf_file(model_cfg, source)):
             vocab = read_gguf_vocab(gguf_file, require_spm=False)
             spm_source = vocab if vocab.model == "llama" else None
-        stage = stage_for_converter(model_dir, work / out.stem, chosen, tokenizer, spm_source)  # the converter names the model after this folder
+        # the converter names the model (general.name) after the folder: name it after the output
+        stage = stage_for_converter(model_dir, work / out.stem, chosen, tokenizer, spm_source)
         converted = work / f"converted-{quant}.gguf"
         if quant == "q4_k_m":
             from zhiling.export.quantize import quantize
