@@ -256,12 +256,6 @@ def test_mc_command_prompts_and_scoring_seam(tmp_path, capsys, monkeypatch):
     assert out.startswith("===== geography-0 (answer C; options scored: ['A', 'B', 'C', 'D'])")
     assert "以下是关于地理的单项选择题" in out and out.rstrip().endswith("答案：")
 
-    import importlib.util
-
-    if importlib.util.find_spec("zhiling.infer.scoring") is None:
-        assert main(["eval", "mc", "-o", str(tmp_path / "mc")]) == 1
-        assert "needs zhiling.infer.scoring" in capsys.readouterr().err
-
     def always_b(args):
         return lambda prompts, options: [[0.0 if i == 1 else -1.0 for i in range(len(o))] for o in options]
 
