@@ -96,50 +96,72 @@ def _transform(logits: torch.Tensor, scale: float | None, softcap: float | None)
     return logits
 
 
-def _chunk_logits(piece: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The head on one chunk of positions (a separate function so tests can check chunk sizes)."""
-    return nn.functional.linear(piece, weight, bias)
+def _chunk_logits(piece: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  out: torch.Tensor) -> torch.Tensor:
+    """The head on one chunk of positions, written into the fp32 buffer ``out`` (a separate function so tests can
+    check chunk sizes)."""
+    if piece.dtype == torch.float32 and weight.dtype == torch.float32:
+        torch.mm(piece, weight.t(), out=out)
+        if bias is not None:
+            out.add_(bias)
+    else:
+        out.copy_(nn.functional.linear(piece, weight, bias))
+    return out
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of ``transform(hidden @ weight.T + bias)``; gradients made chunk by chunk in forward."""
+    """Summed cross-entropy of ``transform(hidden @ weight.T + bias)``; gradients made chunk by chunk in forward.
+
+    One fp32 buffer of [chunk, vocab] serves every chunk, and the softmax and its gradient are computed in place:
+    fresh buffers of this size would be new memory pages for every chunk (slow to fault in, above all in VMs).
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk, scale, softcap, want_grads):
         want_hidden, want_weight, want_bias = want_grads
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        rows, device = hidden.shape[0], hidden.device
+        total = torch.zeros((), dtype=torch.float32, device=device)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_bias else None
-        for start in range(0, hidden.shape[0], chunk):
+        size = min(chunk, rows)
+        buffer = torch.empty((size, weight.shape[0]), dtype=torch.float32, device=device)
+        tanh_buffer = torch.empty_like(buffer) if softcap is not None else None
+        for start in range(0, rows, chunk):
             piece = hidden[start:start + chunk]
             target = targets[start:start + chunk]
-            raw = _chunk_logits(piece, weight, bias).float()
-            scaled = raw * scale if scale is not None else raw
+            count = piece.shape[0]
+            logits = _chunk_logits(piece, weight, bias, buffer[:count])
+            if scale is not None:
+                logits.mul_(scale)
+            tanh = None
             if softcap is not None:
-                tanh = torch.tanh(scaled / softcap)
-                logits = tanh * softcap
-            else:
-                tanh, logits = None, scaled
-            del raw, scaled
-            log_probs = torch.log_softmax(logits, dim=-1)
-            del logits
-            total -= log_probs.gather(1, target[:, None]).sum()
+                tanh = tanh_buffer[:count]
+                torch.tanh(logits.div_(softcap), out=tanh)
+                logits.copy_(tanh).mul_(softcap)
+            picked = logits.gather(1, target[:, None]).squeeze(1)
+            peak = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(peak).exp_()  # softmax, in place
+            norm = probs.sum(dim=1, keepdim=True)
+            probs.div_(norm)
+            total += (peak.squeeze(1) + norm.squeeze(1).log() - picked).sum()
             if not (want_hidden or want_weight or want_bias):
                 continue
-            grad = log_probs.exp_()  # softmax, in place
-            grad[torch.arange(grad.shape[0], device=grad.device), target] -= 1.0
+            grad = probs
+            grad[torch.arange(count, device=device), target] -= 1.0
             if tanh is not None:
-                grad.mul_(1.0 - tanh * tanh)
+                grad.mul_(tanh.mul_(tanh).neg_().add_(1.0))
             if scale is not None:
                 grad.mul_(scale)
-            grad = grad.to(weight.dtype)
             if want_hidden:
-                grad_hidden[start:start + chunk] = grad @ weight
+                if weight.dtype == torch.float32 and hidden.dtype == torch.float32:
+                    torch.mm(grad, weight, out=grad_hidden[start:start + count])
+                else:
+                    grad_hidden[start:start + count] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
             if want_weight:
-                grad_weight += (grad.t() @ piece).float()
+                grad_weight.addmm_(grad.t(), piece.float())
             if want_bias:
-                grad_bias += grad.float().sum(0)
+                grad_bias += grad.sum(0)
         ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight, grad_bias) if g is not None))
         ctx.wants = (want_hidden, want_weight, want_bias)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
