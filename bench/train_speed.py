@@ -613,7 +613,7 @@ def main(argv=None) -> int:
                       f"{flops / c['seconds'] / 1e9:,.1f} GFLOP/s, {utilisation:.0%} of the measured matmul peak")
     if "profile" in results:
         console.print("profile of three packed steps of (c), by self time:")
-        console.print(results["profile"]["profile"], markup=False, highlight=False)
+        print(results["profile"]["profile"], flush=True)
     console.print(f"total {time.perf_counter() - started:,.0f} s; load average now {os.getloadavg()[0]:.2f}; "
                   f"worker logs: {log_path}")
     if args.json:
