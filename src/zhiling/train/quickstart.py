@@ -29,7 +29,7 @@ SHOWN_TASKS = ("sentiment", "ner", "rewrite")
 @dataclass
 class QuickstartOptions:
     output_dir: str = "zhiling-quickstart"
-    max_steps: int = 40
+    max_steps: int = 80  # about 1.8 epochs; measured: about 150 s of training on 2 idle CPU cores
     learning_rate: float = 1e-3
     lora_rank: int = 8
     packing_tokens: int = 512
@@ -64,11 +64,11 @@ class QuickstartReport:
 
 
 def training_config(options: QuickstartOptions):
-    """The run: LoRA on every linear layer of the default model, bundled data, a short constant-rate schedule."""
+    """The run: LoRA on every linear layer of the default model, bundled data, a short cosine schedule."""
     return build_config({
         "data": {"datasets": ["zhiling_zh"], "cutoff_len": 128},
         "training": {"method": "lora", "max_steps": options.max_steps, "learning_rate": options.learning_rate,
-                     "lr_scheduler": "constant_with_warmup", "warmup_steps": 3, "packing": True,
+                     "lr_scheduler": "cosine", "warmup_steps": 5, "packing": True,
                      "packing_tokens": options.packing_tokens, "logging_steps": 1,
                      "save_steps": options.max_steps + 1, "resume": False, "seed": 42},
         "lora": {"rank": options.lora_rank, "alpha": 2 * options.lora_rank, "dropout": 0.0,
