@@ -89,3 +89,12 @@ def test_config_show_command(tmp_path, capsys):
     assert main(["config", "show", "lora.rank=4"]) == 0
     assert main(["config", "show", str(path), "lora.rnak=4"]) == 1
     assert "did you mean 'lora.rank'" in capsys.readouterr().err
+
+
+def test_overrides_may_follow_flags(tmp_path, capsys):
+    path = write(tmp_path, "lora:\n  rank: 8\n")
+    assert main(["config", "show", str(path), "lora.rank=4"]) == 0
+    assert "rank: 4" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["config", "show", str(path), "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err

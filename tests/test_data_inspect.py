@@ -80,7 +80,8 @@ def test_preview_from_config_with_overrides(alpaca_file, tiny_model_dir, tmp_pat
     config = tmp_path / "run.yaml"
     config.write_text(f"model: {tiny_model_dir('llama')}\ntemplate: alpaca_zh\ndata:\n  datasets: ['{alpaca_file}']\n",
                       encoding="utf-8")
-    assert main(["data", "preview", str(config), "data.train_on_prompt=true", "--rows", "1", "--color", "never"]) == 0
+    # key=value overrides may also come after the flags
+    assert main(["data", "preview", str(config), "--rows", "1", "--color", "never", "data.train_on_prompt=true"]) == 0
     out = capsys.readouterr().out
     assert "prompt tokens trained too" in out
     body = out.split("Text inside")[0]

@@ -126,3 +126,14 @@ def test_all_rows_too_long_is_an_error(tiny_tokenizer, tmp_path):
     with pytest.raises(ZhilingError, match="every row is longer than cutoff_len=8"):
         tokenize_records(lambda: iter(records), "fp", TEMPLATES["belle"], tiny_tokenizer,
                          TokenizeOptions(cutoff_len=8, drop_long=True), cache_dir=tmp_path)
+
+
+def test_a_bad_row_surfaces_as_the_data_error_itself(tiny_tokenizer, tmp_path):
+    from zhiling.errors import DataError
+
+    def records():
+        yield record(("你好", "好的"))
+        raise DataError("missing field 'output'", "data.jsonl", 2, "output")
+
+    with pytest.raises(DataError, match="data.jsonl, line 2, field 'output': missing field"):
+        tokenize_records(records, "fp-bad", TEMPLATES["belle"], tiny_tokenizer, TokenizeOptions(), cache_dir=tmp_path)

@@ -165,6 +165,23 @@ def _column_max(dataset, name: str) -> int:
     return int(pc.max(_column(dataset, name)).as_py() or 0)
 
 
+def _read_records(make_records: Callable[[], Iterable[dict]], folder: Path):
+    """Records streamed into an Arrow dataset; a bad row's error reaches the user as itself (``datasets`` wraps
+    exceptions raised inside a generator in its own ``DatasetGenerationError``)."""
+    import datasets
+
+    try:
+        return datasets.Dataset.from_generator(_records_generator, gen_kwargs={"make_records": make_records},
+                                               cache_dir=str(folder), keep_in_memory=False)
+    except Exception as exc:
+        cause = exc
+        while cause is not None and not isinstance(cause, ZhilingError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None and cause is not exc:
+            raise cause from None
+        raise
+
+
 class _Tokenize:
     """A picklable batch function for ``Dataset.map`` (runs in worker processes with ``num_proc``)."""
 
@@ -206,8 +223,7 @@ def tokenize_records(make_records: Callable[[], Iterable[dict]], data_fingerprin
     work = root / f".work-{os.getpid()}-{key}"
     shutil.rmtree(work, ignore_errors=True)
     try:
-        raw = datasets.Dataset.from_generator(_records_generator, gen_kwargs={"make_records": make_records},
-                                              cache_dir=str(work / "raw"), keep_in_memory=False)
+        raw = _read_records(make_records, work / "raw")
         if len(raw) == 0:
             raise ZhilingError(f"{description}: no rows to train on")
         tokenized = raw.map(_Tokenize(template, tokenizer, options), batched=True, batch_size=500,

@@ -15,7 +15,7 @@ def target_logprobs(model, sequences: Sequence[Sequence[int]], targets: Sequence
     """
     import torch
 
-    from zhiling.train.loss import _transform, default_chunk_size, head_parts
+    from zhiling.train.loss import body_hidden, default_chunk_size, head_logits, head_parts
 
     parts = head_parts(model)
     head_rows = default_chunk_size(int(getattr(getattr(model, "config", None), "vocab_size", 0) or 32000))
@@ -49,14 +49,15 @@ def target_logprobs(model, sequences: Sequence[Sequence[int]], targets: Sequence
                 continue
             next_ids = ids[rows, cols + 1].to(device)
             if parts is None:
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[rows, cols]
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                logits = logits[rows.to(device), cols.to(device)]
                 chosen = torch.log_softmax(logits.float(), -1).gather(1, next_ids.unsqueeze(1)).squeeze(1).cpu()
             else:
-                out = parts.body(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-                hidden = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[rows, cols]
+                hidden = body_hidden(parts, {"input_ids": ids.to(device), "attention_mask": mask.to(device)})
+                hidden = hidden[rows.to(device), cols.to(device)]
                 chosen = torch.cat([
-                    torch.log_softmax(_transform(parts.head(hidden[i:i + head_rows]).float(), parts.scale, parts.softcap),
-                                      -1).gather(1, next_ids[i:i + head_rows].unsqueeze(1)).squeeze(1)
+                    torch.log_softmax(head_logits(parts, hidden[i:i + head_rows]), -1)
+                    .gather(1, next_ids[i:i + head_rows].unsqueeze(1)).squeeze(1)
                     for i in range(0, hidden.shape[0], head_rows)]).cpu()
             sums = torch.zeros(len(chunk))
             counts = torch.zeros(len(chunk), dtype=torch.long)

@@ -60,17 +60,9 @@ def tokenize_datasets(names: list[str], cfg: ZhilingConfig, template, tokenizer,
         return iter_mixed_records(names, data.registry, data.format, data.max_samples, data.seed, dedup=data.dedup,
                                   mix_report=mix, announce=announce)
 
-    try:
-        tokenized = tokenize_records(make_records, fingerprint(datasets, **settings), template, tokenizer,
-                                     TokenizeOptions.from_config(data), num_proc=data.num_proc,
-                                     cache_dir=data.cache_dir, description=description)
-    except Exception as exc:  # datasets wraps errors raised while reading rows; show the user's error itself
-        cause = exc
-        while cause is not None and not isinstance(cause, ZhilingError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is not None and cause is not exc:
-            raise cause from None
-        raise
+    tokenized = tokenize_records(make_records, fingerprint(datasets, **settings), template, tokenizer,
+                                 TokenizeOptions.from_config(data), num_proc=data.num_proc, cache_dir=data.cache_dir,
+                                 description=description)
     return tokenized, _describe_sources(datasets, mix)
 
 

@@ -88,6 +88,19 @@ def default_chunk_size(vocab_size: int) -> int:
     return max(16, LOGITS_PER_CHUNK // max(1, vocab_size))
 
 
+def body_hidden(parts: HeadParts, inputs: Mapping) -> torch.Tensor:
+    """Final hidden states [B, L, H] from the model body (output object, tuple, or a bare tensor)."""
+    out = parts.body(**inputs, use_cache=False)
+    if torch.is_tensor(out):
+        return out
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def head_logits(parts: HeadParts, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on ``hidden`` with the family's logit scale / softcap applied, in fp32."""
+    return _transform(parts.head(hidden).float(), parts.scale, parts.softcap)
+
+
 def _transform(logits: torch.Tensor, scale: float | None, softcap: float | None) -> torch.Tensor:
     if scale is not None:
         logits = logits * scale
@@ -229,8 +242,7 @@ def label_only_loss(model, batch: Mapping, chunk_size: int | None = None, parts:
     if parts is None:
         raise ValueError("label-only loss: this model has no separate body and LM head (use plain_loss)")
     labels = batch["labels"]
-    out = parts.body(**model_inputs(batch), use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    hidden = body_hidden(parts, model_inputs(batch))
     targets = shifted_targets(labels.to(hidden.device)).reshape(-1)
     positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)

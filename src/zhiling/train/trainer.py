@@ -32,6 +32,7 @@ from zhiling.errors import ZhilingError
 from zhiling.models.loader import load_model, load_tokenizer, model_type_of, resolve_device, resolve_source
 from zhiling.train import checkpoint as ckpt
 from zhiling.train.batches import Batching, choose_batching, count_labels, eval_micro_batches, to_device
+from zhiling.train.compile import maybe_compile
 from zhiling.train.data import TrainData, load_train_data
 from zhiling.train.launch import DistributedSetup, check_runtime, load_distributed_config, make_plugin
 from zhiling.train.loss import CausalLMLoss
@@ -235,8 +236,6 @@ class Trainer:
                            trainable_adapter=True)
         self.prepared: PreparedModel = prepare_model(model, cfg, quantized=self.quant is not None)
         self.model = self.prepared.model
-        if cfg.training.compile:
-            self.model.compile()
         share = 100.0 * self.prepared.trainable_params / max(self.prepared.total_params, 1)
         where = f" on {', '.join(self.prepared.target_modules)}" if self.prepared.target_modules else ""
         if self.prepared.trained_layers:
@@ -556,6 +555,10 @@ class Trainer:
             return finished
         self._load_model()
         self._plan()
+        if self.cfg.training.compile:
+            # decoder layers compiled in place (the label-only loss calls the body, not the top-level module),
+            # probed on a real micro-batch so the graphs fit the training inputs
+            maybe_compile(self.model, True, example_batch=self._collate(self.batching.micro_batches(0)[0]))
         self._build_optimizer()
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
