@@ -52,7 +52,8 @@ def test_quickstart_on_the_default_model(tmp_path):
     out = tmp_path / "quickstart"
     assert main(["quickstart", "--output", str(out), "--no-progress"]) == 0
     for name in ("report.md", "scores.json", "answers.jsonl", "loss.png", "metrics.jsonl", "zhiling.json",
-                 "adapter/adapter_model.safetensors", "adapter/zhiling_template.json"):
+                 "adapter/adapter_model.safetensors", "adapter/zhiling_template.json", "eval/report/report.html",
+                 "eval/report/report.md", "eval/base/summary.json", "eval/lora/summary.json"):
         assert (out / name).is_file(), name
     scores = json.loads((out / "scores.json").read_text())
     before, after = scores["before"]["overall"], scores["after"]["overall"]
@@ -61,3 +62,22 @@ def test_quickstart_on_the_default_model(tmp_path):
     assert after > before + 0.2
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 120 and sum(a["score_after"] for a in answers) > sum(a["score_before"] for a in answers)
+
+
+def test_eval_report_compares_base_and_fine_tuned(tmp_path):
+    """OUTPUT/eval: both prediction files, a metrics run each, and the eval-compare HTML report."""
+    from zhiling.eval.rundir import read_run
+    from zhiling.train.quickstart import write_eval_report
+
+    rows = held_out_rows(20)
+    references = [row["messages"][-1]["content"] for row in rows]
+    page = write_eval_report(tmp_path / "eval", rows, [""] * len(rows), references)
+    html = page.read_text(encoding="utf-8")
+    assert page.name == "report.html" and "base model" in html and "fine-tuned" in html
+    assert "data:image/png;base64," in html  # the per-task chart is embedded
+    assert (page.parent / "report.md").is_file()
+    base, lora = read_run(tmp_path / "eval" / "base"), read_run(tmp_path / "eval" / "lora")
+    assert base.kind == lora.kind == "metrics"
+    assert lora.summary["overall"]["bundled"] == pytest.approx(1.0)
+    assert base.summary["overall"]["bundled"] < 0.5
+    assert len((tmp_path / "eval" / "lora.pred.jsonl").read_text(encoding="utf-8").splitlines()) == len(rows)

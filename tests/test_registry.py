@@ -87,7 +87,7 @@ msra:
     ("mine:\n  path: a.jsonl\n  format: psyqa\n  options: {answer: all}\n", "did you mean 'answers'"),
     ("mine:\n  path: a.jsonl\n  format: psyqa\n  options: {answers: most}\n", "not one of: first, all"),
     ("mine: [a.jsonl]\n", "must be a mapping"),
-    ("- a\n- b\n", "maps names to entries"),
+    ("- a\n- b\n", "mapping of dataset names to entries"),
     ("mine:\n  path: [a\n", "not valid YAML"),
     ("'hf:x':\n  path: a.jsonl\n", "invalid dataset name"),
 ])

@@ -20,21 +20,14 @@ def _run_metrics(args) -> int:
     from zhiling.eval import reference_eval as R
     from zhiling.eval.predictions import read_predictions
     from zhiling.eval.progress import progress_bar
-    from zhiling.eval.rundir import write_run
-    from zhiling.eval.tables import markdown_document, print_tables
+    from zhiling.eval.tables import print_tables
 
     predictions = read_predictions(args.pred)
     labels = R.parse_label_specs(args.labels)
     specs = R.parse_metric_specs(args.metrics, has_labels=bool(labels))
     with progress_bar(len(predictions.rows), "scoring", enabled=not args.quiet) as advance:
-        result = R.evaluate(predictions, specs, labels, args.by, progress=advance)
-    rows = R.sort_worst_first(result.rows) if args.worst_first else result.rows
-    tables = R.metrics_tables(result.summary)
-    out = write_run(args.output, "metrics", summary=result.summary, rows=rows,
-                    markdown=markdown_document(f"Reference metrics: {args.pred}", tables),
-                    inputs=[str(args.pred)], name=args.name,
-                    options={"metrics": [str(s) for s in specs], "labels": result.summary["labels"], "by": args.by,
-                             "worst_first": args.worst_first})
+        out, result, tables = R.write_metrics_run(predictions, args.output, specs, labels, args.by, args.name,
+                                                  args.worst_first, progress=advance)
     print_tables(tables)
     overall = result.summary["overall"]
     if result.summary["unused_metrics"]:

@@ -25,8 +25,9 @@ def register(sub) -> None:
         A first run that needs nothing but this package: Gemma 3 270M (embedded) answers the held-out rows of the
         bundled Chinese instruction data, a LoRA adapter is trained on the training rows, and the same rows are
         answered and scored again. Three answers are shown before and after; OUTPUT/report.md, OUTPUT/scores.json,
-        OUTPUT/answers.jsonl and OUTPUT/loss.png hold the details, OUTPUT/adapter the adapter. A few minutes on
-        two CPU cores.""",
+        OUTPUT/answers.jsonl and OUTPUT/loss.png hold the details, OUTPUT/eval/report/report.html the metric
+        tables, a per-task chart and answers side by side (zhiling eval compare), OUTPUT/adapter the adapter. A
+        few minutes on two CPU cores.""",
         examples="""
         zhiling quickstart
         zhiling quickstart --output runs/quickstart --steps 60

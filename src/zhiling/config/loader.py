@@ -53,10 +53,12 @@ def _expand_shorthands(tree: dict) -> dict:
     return tree
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, what: str = "config file",
+              expected: str = "a mapping of sections (model:, data:, training: ...)") -> dict:
+    """A YAML file whose top level is a mapping ({} when empty); errors name the file and what is wrong."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -66,8 +68,7 @@ def read_yaml(path: str | Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, training: ...), "
-                          f"not {type(data).__name__}")
+        raise ConfigError(f"{path}: the top level must be {expected}, not {type(data).__name__}")
     return data
 
 

@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from zhiling.config.loader import read_yaml
 from zhiling.data.convert import ConvertReport, Rejected, iter_records, record_digest
 from zhiling.data.formats import get_format
 from zhiling.data.formats.hf import PREFIX as HF_PREFIX, is_hf, parse_hf
@@ -119,19 +119,8 @@ def _format_entry_error(path: Path, name: str, exc: ValidationError) -> str:
 def read_registry(path: str | Path) -> dict[str, ResolvedDataset]:
     """Entries of one registry file, with paths resolved against its folder."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"dataset registry not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a dataset registry maps names to entries (name: {{path: ..., format: ...}}), "
-                          f"not {type(data).__name__}")
+    data = read_yaml(path, "dataset registry",
+                     "a mapping of dataset names to entries (name: {path: ..., format: ...})")
     base = path.resolve().parent
     entries = {}
     for name, raw in data.items():

@@ -26,6 +26,7 @@ from typing import Any
 from zhiling.errors import ZhilingError
 
 Turns = list[tuple[str, "str | None"]]
+Pieces = tuple[list[int], list[int]]  # (prompt ids, answer ids) of one round
 
 
 
@@ -72,8 +73,30 @@ def encode_segments(tokenizer, conversations: list[list[tuple[list, list]]], tem
     return out
 
 
+class _Encoding:
+    """Token ids from ``segments``: shared by named templates and the tokenizer's own (``auto``)."""
+
+    name: str
+
+    def encode_many(self, tokenizer, conversations: list[tuple[str | None, Turns]]) -> list[list[Pieces]]:
+        """``encode`` for many conversations with one batched call into the tokenizer (fast, and parallel in Rust)."""
+        return encode_segments(tokenizer, [self.segments(tokenizer, system, turns) for system, turns in conversations],
+                               self.name)
+
+    def encode(self, tokenizer, system: str | None, turns: Turns) -> list[Pieces]:
+        """(prompt ids, answer ids) per round. BOS is the tokenizer's id; ``{eos}`` becomes the EOS id."""
+        return self.encode_many(tokenizer, [(system, turns)])[0]
+
+    def encode_prompt(self, tokenizer, system: str | None, history: list[tuple[str, str]], query: str) -> list[int]:
+        """Token ids of a generation prompt: the history rounds in full, then the query and the assistant cue."""
+        ids: list[int] = []
+        for prompt_ids, reply_ids in self.encode(tokenizer, system, [*history, (query, None)]):
+            ids += prompt_ids + reply_ids
+        return ids
+
+
 @dataclass(frozen=True)
-class Template:
+class Template(_Encoding):
     name: str
     description: str
     user: str = "{content}"
@@ -123,7 +146,7 @@ class Template:
         return self.render(system, turns, eos=tokenizer.eos_token or "", bos=tokenizer.bos_token or "")
 
     # ----- tokens -----------------------------------------------------------------------------------------------
-    def segments(self, system: str | None, turns: Turns) -> list[tuple[list, list]]:
+    def segments(self, tokenizer, system: str | None, turns: Turns) -> list[tuple[list, list]]:
         """Per round, the prompt and the answer as text pieces and special-token slots (``BOS_SLOT``, ``EOS_SLOT``),
         ready for ``encode_segments``."""
         out = []
@@ -139,22 +162,6 @@ class Template:
                     answer_items.append(self.end)
             out.append((prompt_items, answer_items))
         return out
-
-    def encode_many(self, tokenizer, conversations: list[tuple[str | None, Turns]]) -> list[list[tuple[list[int], list[int]]]]:
-        """``encode`` for many conversations with one batched call into the tokenizer (fast, and parallel in Rust)."""
-        return encode_segments(tokenizer, [self.segments(system, turns) for system, turns in conversations],
-                               self.name)
-
-    def encode(self, tokenizer, system: str | None, turns: Turns) -> list[tuple[list[int], list[int]]]:
-        """(prompt ids, answer ids) per round. BOS is the tokenizer's id; ``{eos}`` becomes the EOS id."""
-        return self.encode_many(tokenizer, [(system, turns)])[0]
-
-    def encode_prompt(self, tokenizer, system: str | None, history: list[tuple[str, str]], query: str) -> list[int]:
-        """Token ids of a generation prompt: the history rounds in full, then the query and the assistant cue."""
-        ids: list[int] = []
-        for prompt_ids, reply_ids in self.encode(tokenizer, system, [*history, (query, None)]):
-            ids += prompt_ids + reply_ids
-        return ids
 
     def stop_strings(self, tokenizer=None) -> list[str]:
         """Text that ends an answer: the end marker and the template's stop words."""
@@ -263,7 +270,7 @@ def lit_join(system_fmt: str, system_expr: str, content_expr: str) -> str:
 
 
 @dataclass(frozen=True)
-class TokenizerTemplate:
+class TokenizerTemplate(_Encoding):
     """``auto``: the tokenizer's own Jinja chat template, cut into prompt/answer pieces by incremental rendering."""
 
     chat_template: str
@@ -320,19 +327,6 @@ class TokenizerTemplate:
             answer = [reply, EOS_SLOT] if reply and (not eos or eos not in reply) else [reply]
             out.append(([prompt], answer if reply else []))
         return out
-
-    def encode_many(self, tokenizer, conversations: list[tuple[str | None, Turns]]) -> list[list[tuple[list[int], list[int]]]]:
-        return encode_segments(tokenizer, [self.segments(tokenizer, system, turns) for system, turns in conversations],
-                               self.name)
-
-    def encode(self, tokenizer, system: str | None, turns: Turns) -> list[tuple[list[int], list[int]]]:
-        return self.encode_many(tokenizer, [(system, turns)])[0]
-
-    def encode_prompt(self, tokenizer, system: str | None, history: list[tuple[str, str]], query: str) -> list[int]:
-        ids: list[int] = []
-        for prompt_ids, reply_ids in self.encode(tokenizer, system, [*history, (query, None)]):
-            ids += prompt_ids + reply_ids
-        return ids
 
     def stop_strings(self, tokenizer=None) -> list[str]:
         return list(self.stop_words)

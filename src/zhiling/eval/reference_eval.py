@@ -281,3 +281,23 @@ def metrics_tables(summary: dict) -> list[Table]:
             table.add(label, s["precision"], s["recall"], s["f1"], s["support"])
         tables.append(table)
     return tables
+
+
+def write_metrics_run(predictions: PredictionFile, out_dir, specs: list[MetricSpec],
+                      labels: dict[str | None, list[str]] | None = None, by: str | None = None,
+                      name: str | None = None, worst_first: bool = False, progress=None):
+    """Score a prediction file and write a metrics RUN_DIR (what `zhiling eval metrics` does).
+    Returns (run folder, MetricsResult, tables)."""
+    from zhiling.eval.rundir import write_run
+    from zhiling.eval.tables import markdown_document
+
+    pred_path = predictions.path
+    result = evaluate(predictions, specs, labels, by, progress=progress)
+    rows = sort_worst_first(result.rows) if worst_first else result.rows
+    tables = metrics_tables(result.summary)
+    out = write_run(out_dir, "metrics", summary=result.summary, rows=rows,
+                    markdown=markdown_document(f"Reference metrics: {pred_path}", tables),
+                    inputs=[str(pred_path)], name=name,
+                    options={"metrics": [str(s) for s in specs], "labels": result.summary["labels"], "by": by,
+                             "worst_first": worst_first})
+    return out, result, tables

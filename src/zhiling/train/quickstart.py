@@ -5,7 +5,8 @@
 2. train a LoRA adapter on the bundled training rows (packing, logits only where labels are)
 3. score the same rows again with the adapter; show the same three answers
 4. write OUTPUT/report.md, OUTPUT/scores.json and OUTPUT/answers.jsonl beside the run's adapter, metrics and
-   loss plot, and print the command to chat with the result
+   loss plot; OUTPUT/eval/ holds both systems' predictions and metric runs and the `zhiling eval compare` report
+   (OUTPUT/eval/report/report.html); print the command to chat with the result
 
 Scores use ``score_bundled``: exact answer for sentiment, one-word and rewrite rows, the right number of items from the
 right category for lists, entity-set F1 for entity extraction. The settings are chosen to finish within a few
@@ -61,6 +62,7 @@ class QuickstartReport:
     adapter: Path
     chat_command: str
     phases: dict[str, float] = field(default_factory=dict)
+    eval_report: Path | None = None
 
 
 def training_config(options: QuickstartOptions):
@@ -236,6 +238,41 @@ def write_outputs(report: QuickstartReport, rows, before_answers, after_answers,
                             "cutoff_len": cfg.data.cutoff_len}}
     (out / "scores.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
     (out / "report.md").write_text(report_markdown(report, cfg), encoding="utf-8")
+    report.eval_report = write_eval_report(out / "eval", rows, before_answers, after_answers)
+
+
+QUICKSTART_METRICS = "em,f1,rouge_l,ner:entity,sentiment:accuracy,bundled"
+
+
+def write_eval_report(folder: Path, rows, before_answers, after_answers) -> Path:
+    """The before/after comparison as `zhiling eval` writes it: a prediction file and a metrics run per system,
+    then `eval compare`'s Markdown + self-contained HTML report (per-task chart, answers side by side)."""
+    from zhiling.eval import reference_eval
+    from zhiling.eval.predictions import read_predictions
+    from zhiling.eval.report import build_report, write_report
+    from zhiling.eval.rundir import read_run
+
+    specs = reference_eval.parse_metric_specs(QUICKSTART_METRICS, has_labels=True)
+    labels = reference_eval.parse_label_specs(["sentiment=积极,消极"])
+    runs = []
+    for name, answers in (("base model", before_answers), ("fine-tuned", after_answers)):
+        slug = "base" if name == "base model" else "lora"
+        pred = folder / f"{slug}.pred.jsonl"
+        pred.parent.mkdir(parents=True, exist_ok=True)
+        with pred.open("w", encoding="utf-8") as handle:
+            for row, answer in zip(rows, answers):
+                item = {"id": row["id"], "prompt": row["messages"][0]["content"], "output": answer,
+                        "reference": row["messages"][-1]["content"], "task": row["task"]}
+                if row.get("check") is not None:
+                    item["check"] = row["check"]
+                handle.write(json.dumps(item, ensure_ascii=False) + "\n")
+        run_dir, _, _ = reference_eval.write_metrics_run(read_predictions(pred), folder / slug, specs, labels, "task",
+                                                         name)
+        runs.append(read_run(run_dir))
+    report = build_report(runs, samples=6, pick="diff", chart_metric="bundled",
+                          title="zhiling quickstart: base model vs fine-tuned")
+    _, page = write_report(report, folder / "report")
+    return page
 
 
 def report_markdown(report: QuickstartReport, cfg) -> str:
@@ -283,5 +320,5 @@ def print_scores(console, report: QuickstartReport) -> None:
     table.add_row("[bold]overall[/]", f"[bold]{report.before.overall:.3f}[/]", f"[bold]{report.after.overall:.3f}[/]")
     console.print(table)
     console.print(f"time: {report.total_seconds:.0f} s (training {report.train_seconds:.0f} s); report: "
-                  f"{report.output_dir / 'report.md'}", highlight=False)
+                  f"{report.output_dir / 'report.md'}; side by side: {report.eval_report}", highlight=False)
     console.print(f"chat with it: {report.chat_command}", highlight=False, markup=False)
