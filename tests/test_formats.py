@@ -398,7 +398,7 @@ def test_unknown_format_and_option():
     with pytest.raises(DataError, match="unknown option 'answer' for format 'psyqa'; did you mean 'answers'"):
         get_format("psyqa").check_options({"answer": "all"})
     with pytest.raises(DataError, match="it takes no options"):
-        get_format("alpaca").check_options({"x": "1"})
+        get_format("vicuna_chat").check_options({"x": "1"})
 
 
 def test_folder_of_plain_json_is_not_taken_for_coig(tmp_path):
@@ -407,3 +407,17 @@ def test_folder_of_plain_json_is_not_taken_for_coig(tmp_path):
     write_jsonl(folder / "a.jsonl", [{"instruction": "问", "output": "答"}])
     with pytest.raises(DataError, match="is a folder"):
         list(iter_records(str(folder), announce=None))
+
+
+def test_alpaca_prompt_only_rows_with_require_answer_false(tmp_path):
+    from zhiling.data.convert import iter_records
+    from zhiling.errors import DataError
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"instruction": "判断情感：很好吃", "input": ""}\n'
+                    '{"instruction": "翻译", "input": "你好", "output": "hello"}\n', encoding="utf-8")
+    records = list(iter_records([str(path)], "alpaca", {"require_answer": "false"}, announce=None))
+    assert records[0]["messages"] == [{"role": "user", "content": "判断情感：很好吃"}]
+    assert records[1]["messages"][-1] == {"role": "assistant", "content": "hello"}
+    with pytest.raises(DataError, match="line 1, field 'output': missing field 'output'"):
+        list(iter_records([str(path)], "alpaca", announce=None))

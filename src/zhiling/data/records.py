@@ -57,11 +57,13 @@ def make_record(messages: list[dict], system: str = "", **extra: Any) -> dict:
     return record
 
 
-def pairs_to_messages(pairs: list[tuple[str, str]]) -> list[dict]:
+def pairs_to_messages(pairs: list[tuple[str, str | None]]) -> list[dict]:
+    """(user, assistant) pairs as messages; a final ``None`` answer leaves a prompt-only record (for predict)."""
     messages = []
     for user, assistant in pairs:
         messages.append({"role": "user", "content": user})
-        messages.append({"role": "assistant", "content": assistant})
+        if assistant is not None:
+            messages.append({"role": "assistant", "content": assistant})
     return messages
 
 

@@ -80,6 +80,11 @@ def option_choice(options: dict, key: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+# The option of formats that can also carry prompts without answers (what `zhiling predict` reads).
+ANSWER_OPTION = {"require_answer": "true (default): every row needs its answer; false: prompt-only rows (for "
+                                   "predict) may leave it out"}
+
+
 def option_bool(options: dict, key: str) -> bool:
     value = options.get(key)
     if isinstance(value, bool):

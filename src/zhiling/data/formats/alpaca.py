@@ -6,7 +6,7 @@ newline, as the Alpaca authors' prompts do.
 
 from __future__ import annotations
 
-from zhiling.data.formats import FormatSpec, register
+from zhiling.data.formats import ANSWER_OPTION, FormatSpec, option_bool, register
 from zhiling.data.records import get_str, make_record, pairs_to_messages, type_name
 from zhiling.errors import DataError
 
@@ -31,7 +31,8 @@ def _history(row) -> list[tuple[str, str]]:
 def _convert(row, options: dict) -> list[dict]:
     instruction = get_str(row, "instruction")
     extra = get_str(row, "input", required=False)
-    output = get_str(row, "output")
+    required = option_bool(options, "require_answer")
+    output = get_str(row, "output", required=required) or None  # None: a prompt-only row (require_answer=false)
     pairs = _history(row) + [(join_instruction(instruction, extra), output)]
     return [make_record(pairs_to_messages(pairs), system=get_str(row, "system", required=False))]
 
@@ -45,4 +46,6 @@ register(FormatSpec(
     description="Alpaca / alpaca-GPT4 / Guanaco / alpaca-chinese: {instruction, input, output[, system, history]}",
     convert=_convert, detect=_detect, example="alpaca.json",
     signature="keys instruction + output (input, system, history optional)",
+    options=dict(ANSWER_OPTION), defaults={"require_answer": True},
+    validate=lambda o: option_bool(o, "require_answer"),
 ))

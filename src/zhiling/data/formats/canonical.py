@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zhiling.data.formats import FormatSpec, option_bool, register
+from zhiling.data.formats import ANSWER_OPTION, FormatSpec, option_bool, register
 from zhiling.data.records import get_list, get_str, type_name, validate_record
 from zhiling.errors import DataError
 
@@ -34,8 +34,7 @@ register(FormatSpec(
     name="messages",
     description="canonical / OpenAI messages: {\"system\": ..., \"messages\": [{\"role\", \"content\"}, ...]}",
     convert=_convert, detect=_detect, example="messages.jsonl",
-    options={"require_answer": "true (default): the last turn must be the assistant's; false: prompt-only rows "
-                               "(for predict) may end on a user turn"},
+    options=dict(ANSWER_OPTION),
     defaults={"require_answer": True},
     signature="a 'messages' array",
     validate=lambda o: option_bool(o, "require_answer"),
