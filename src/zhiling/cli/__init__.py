@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from zhiling import __version__
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # bitsandbytes suggests `pip install kernels` on AVX512-BF16 CPUs: that package fetches kernels from the hub at
+    # run time, which zhiling never relies on; its 4-bit path works without it
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
