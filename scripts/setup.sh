@@ -24,7 +24,7 @@ case "$mode" in
         # llama-cpp-python builds from source; a portable (non -march=native) build can be cached and reused.
         export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"
         pip install -q -e ".[dev]"
-        if [ -f scripts/install_browser.sh ]; then bash scripts/install_browser.sh; fi
+        bash scripts/install_system_deps.sh
         ;;
     *) echo "usage: bash scripts/setup.sh [run|dev]" >&2; exit 2 ;;
 esac

@@ -120,7 +120,6 @@ def test_metrics_command_writes_run_folder(tmp_path, capsys):
 
 
 def test_metrics_command_bundled_scorer(tmp_path):
-    pytest.importorskip("zhiling.data.bundled")
     pred = _jsonl(tmp_path / "pred.jsonl", [
         {"id": "l1", "task": "list", "prompt": "列举", "output": "袋鼠、长颈鹿", "reference": "熊猫、老虎",
          "check": {"category": "动物", "n": 2}},

@@ -15,7 +15,7 @@ from zhiling.data.templates import TEMPLATES, save_template_record
 from zhiling.infer.engine import ChatRequest, load_engine
 
 pytestmark = pytest.mark.slow
-llama_cpp = pytest.importorskip("llama_cpp")
+import llama_cpp  # noqa: F401 (the backend under test)
 
 TEMPLATE = TEMPLATES["gemma"]
 CONVERSATIONS = [

@@ -6,7 +6,6 @@ toolchain is installed, with Go's own text/template too.
 
 import json
 import re
-import shutil
 import subprocess
 
 import pytest
@@ -360,7 +359,6 @@ func (s *stringsBuilder) String() string              { return string(s.buf) }
 """
 
 
-@pytest.mark.skipif(shutil.which("go") is None, reason="no Go toolchain installed")
 def test_real_go_text_template_agrees(tiny_tokenizer, tmp_path):
     cases, expected = [], []
     for name, template in TEMPLATES.items():

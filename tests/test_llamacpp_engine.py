@@ -13,7 +13,7 @@ from zhiling.data.templates import TEMPLATES
 from zhiling.errors import ZhilingError
 from zhiling.infer.engine import ChatRequest, PromptTooLongError, TextPrompt
 
-llama_cpp = pytest.importorskip("llama_cpp")
+import llama_cpp  # noqa: F401 (the backend under test)
 
 from tiny_gguf import write_tiny_gguf  # noqa: E402
 from zhiling.infer.llamacpp_engine import (load_llamacpp_engine, processed_scores,  # noqa: E402

@@ -42,7 +42,6 @@ def test_builtin_entries_load():
     assert registry["example_hf"].hf == str(RESOURCES / "examples" / "formats" / "hf_dataset")
 
 
-@pytest.mark.skipif(not (RESOURCES / "data" / "zhiling_zh_train.jsonl").exists(), reason="bundled data not built yet")
 def test_bundled_chinese_data():
     train = load_records(["zhiling_zh"])
     test = load_records(["zhiling_zh_test"])

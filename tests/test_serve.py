@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-openai = pytest.importorskip("openai")
-pytest.importorskip("fastapi")
-httpx = pytest.importorskip("httpx")
+import openai
+import fastapi  # noqa: F401
+import httpx
 
 from engine_fakes import ScriptedEngine  # noqa: E402
 from zhiling.config import GenerationConfig, ModelConfig  # noqa: E402

@@ -1,6 +1,6 @@
 """zhiling webui: the form helpers, and the page in a real headless Chromium (Debian's, driven by Playwright).
 
-The browser tests are marked ``browser``. They need /usr/bin/chromium (scripts/install_browser.sh) and the pip
+The browser tests are marked ``browser``. They need /usr/bin/chromium (scripts/install_system_deps.sh) and the pip
 package ``playwright`` (its own browser download is never used). Without Chromium they are skipped, except under
 CI (``CI`` set), where a missing browser is a failure.
 """
@@ -8,7 +8,6 @@ CI (``CI`` set), where a missing browser is a failure.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 import time
@@ -21,7 +20,7 @@ from zhiling.config import GenerationConfig, ModelConfig
 from zhiling.errors import ZhilingError
 from zhiling.infer.engine import ChatRequest, load_engine
 
-gr = pytest.importorskip("gradio")
+import gradio  # noqa: F401 (the web UI under test)
 
 from zhiling.serve.webui import FORM_PARAMS, build_webui, form_params, launch_webui, new_state, save_chat  # noqa: E402
 
@@ -73,17 +72,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).exists():
-        message = f"{CHROMIUM} not found: run scripts/install_browser.sh"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    try:
-        import playwright.sync_api as playwright_api
-    except ImportError:
-        message = "playwright is not installed: pip install -e '.[dev]'"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        pytest.fail(f"{CHROMIUM} not found: run scripts/install_system_deps.sh (or deselect with -m 'not browser')")
+    import playwright.sync_api as playwright_api
     with playwright_api.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield chromium
