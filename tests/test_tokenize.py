@@ -137,3 +137,21 @@ def test_a_bad_row_surfaces_as_the_data_error_itself(tiny_tokenizer, tmp_path):
 
     with pytest.raises(DataError, match="data.jsonl, line 2, field 'output': missing field"):
         tokenize_records(records, "fp-bad", TEMPLATES["belle"], tiny_tokenizer, TokenizeOptions(), cache_dir=tmp_path)
+
+
+def test_records_source_may_hold_unpicklable_things(tiny_tokenizer, tmp_path):
+    """The record generator is a closure (over a console, a lock ...); datasets must not need to pickle it."""
+    import threading
+
+    from rich.console import Console
+
+    console, lock = Console(), threading.Lock()
+
+    def records():
+        with lock:
+            console.log  # noqa: B018 - the closure holds both
+            yield record(("你好", "好的"))
+
+    out = tokenize_records(records, "fp-closure", TEMPLATES["belle"], tiny_tokenizer, TokenizeOptions(),
+                           cache_dir=tmp_path)
+    assert out.report["rows"] == 1

@@ -165,14 +165,17 @@ def _column_max(dataset, name: str) -> int:
     return int(pc.max(_column(dataset, name)).as_py() or 0)
 
 
-def _read_records(make_records: Callable[[], Iterable[dict]], folder: Path):
+def _read_records(make_records: Callable[[], Iterable[dict]], folder: Path, key: str):
     """Records streamed into an Arrow dataset; a bad row's error reaches the user as itself (``datasets`` wraps
-    exceptions raised inside a generator in its own ``DatasetGenerationError``)."""
+    exceptions raised inside a generator in its own ``DatasetGenerationError``).
+
+    ``fingerprint`` is given so that ``datasets`` does not try to hash ``make_records`` (a closure that may hold
+    anything, a console or a lock, which cannot be pickled)."""
     import datasets
 
     try:
         return datasets.Dataset.from_generator(_records_generator, gen_kwargs={"make_records": make_records},
-                                               cache_dir=str(folder), keep_in_memory=False)
+                                               cache_dir=str(folder), keep_in_memory=False, fingerprint=key)
     except Exception as exc:
         cause = exc
         while cause is not None and not isinstance(cause, ZhilingError):
@@ -223,7 +226,7 @@ def tokenize_records(make_records: Callable[[], Iterable[dict]], data_fingerprin
     work = root / f".work-{os.getpid()}-{key}"
     shutil.rmtree(work, ignore_errors=True)
     try:
-        raw = _read_records(make_records, work / "raw")
+        raw = _read_records(make_records, work / "raw", key)
         if len(raw) == 0:
             raise ZhilingError(f"{description}: no rows to train on")
         tokenized = raw.map(_Tokenize(template, tokenizer, options), batched=True, batch_size=500,
