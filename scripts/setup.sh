@@ -9,11 +9,10 @@ cd "$(dirname "$0")/.."
 mode="${1:-run}"
 python="${PYTHON:-python3}"
 
-if [ -z "${VIRTUAL_ENV:-}" ]; then
-    [ -x .venv/bin/python ] || "$python" -m venv .venv
-    # shellcheck disable=SC1091
-    . .venv/bin/activate
-fi
+# Always ./.venv, even inside another activated environment: the README's commands run .venv/bin/...
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
 pip install -q --upgrade pip
 if ! command -v nvidia-smi >/dev/null 2>&1; then
     pip install -q "torch==2.13.0"
