@@ -1,12 +1,13 @@
 """Tokenizing a large dataset: time and peak memory of zhiling's training-data path on N alpaca-style rows.
 
-    python bench/tokenize_scale.py                 # 500,000 rows, 2 processes, the default model's tokenizer
-    python bench/tokenize_scale.py --rows 50000 --num-proc 1
+    python bench/tokenize_scale.py                 # 500,000 rows, 1 process, the default model's tokenizer
+    python bench/tokenize_scale.py --rows 50000 --num-proc 2
 
 The rows are generated (alpaca format, Chinese and English, 20-400 characters), written to a JSON-lines file, then
 converted, mixed and tokenized through ``zhiling.train.data.tokenize_datasets`` (the code ``zhiling train`` runs) into
 a fresh cache folder. Peak memory is the largest sum of resident memory over this process and its workers, sampled
-every 0.1 s, and each process's own peak (ru_maxrss).
+every 0.1 s, the same for PSS and for anonymous memory (RssAnon: the heap, without the pages of memory-mapped
+Arrow files that were read, which the kernel can drop), and each process's own peak (ru_maxrss).
 """
 
 from __future__ import annotations
@@ -48,28 +49,43 @@ def write_rows(path: Path, rows: int, seed: int) -> None:
             handle.write(json.dumps(make_row(rng), ensure_ascii=False) + "\n")
 
 
+def anonymous_rss(pid: int) -> int:
+    """Resident anonymous memory (heap, not file pages): RSS also counts pages of the memory-mapped Arrow cache
+    files that were read, which the kernel can drop at any time. 0 where /proc is missing."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except FileNotFoundError:
+        pass
+    return 0
+
+
 class PeakMemory:
     """Samples the memory of this process plus all its children: the sum of RSS (pages shared between a parent and
     its forked workers counted once per process) and of PSS (shared pages split between the processes sharing them,
     which is what the tree really occupies)."""
 
     def __init__(self, interval: float = 0.1):
-        self.interval, self.peak, self.peak_pss, self._stop = interval, 0, 0, threading.Event()
+        self.interval, self.peak, self.peak_pss, self.peak_anon, self._stop = interval, 0, 0, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         me = psutil.Process()
         while not self._stop.is_set():
-            total = pss = 0
+            total = pss = anon = 0
             for proc in [me, *me.children(recursive=True)]:
                 try:
                     info = proc.memory_full_info()
                     total += info.rss
                     pss += info.pss
-                except psutil.Error:
+                    anon += anonymous_rss(proc.pid)
+                except (psutil.Error, OSError):
                     pass
             self.peak = max(self.peak, total)
             self.peak_pss = max(self.peak_pss, pss)
+            self.peak_anon = max(self.peak_anon, anon)
             self._stop.wait(self.interval)
 
     def __enter__(self):
@@ -84,7 +100,7 @@ class PeakMemory:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=500_000)
-    parser.add_argument("--num-proc", type=int, default=2)
+    parser.add_argument("--num-proc", type=int, default=1)
     parser.add_argument("--cutoff", type=int, default=1024)
     parser.add_argument("--model", default=None, help="tokenizer source (default: the embedded default model)")
     parser.add_argument("--workdir", default=None, help="where the data and cache go (default: a temp folder)")
@@ -112,6 +128,7 @@ def main() -> int:
     tokenizer = load_tokenizer(cfg.model, source)
     template = get_template(cfg.template.name, tokenizer, model_type_of(source))
     base_rss = psutil.Process().memory_info().rss
+    base_anon = anonymous_rss(os.getpid())
 
     with PeakMemory() as peak:
         start = time.perf_counter()
@@ -124,9 +141,11 @@ def main() -> int:
     result = {
         "rows": report["kept"], "tokens": report["tokens"], "num_proc": args.num_proc, "seconds": round(elapsed, 1),
         "rows_per_second": round(report["kept"] / elapsed), "peak_pss_all_processes_gib": round(peak.peak_pss / 2**30, 2),
+        "peak_anonymous_all_processes_gib": round(peak.peak_anon / 2**30, 2),
         "peak_rss_sum_all_processes_gib": round(peak.peak / 2**30, 2),
         "peak_rss_main_gib": round(own_peak / 2**30, 2), "peak_rss_largest_worker_gib": round(child_peak / 2**30, 2),
-        "rss_before_gib": round(base_rss / 2**30, 2), "template": template.name,
+        "rss_before_gib": round(base_rss / 2**30, 2), "anonymous_before_gib": round(base_anon / 2**30, 2),
+        "template": template.name,
         "tokenizer_vocab": len(tokenizer), "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     print(json.dumps(result, indent=2))

@@ -155,3 +155,19 @@ def test_records_source_may_hold_unpicklable_things(tiny_tokenizer, tmp_path):
     out = tokenize_records(records, "fp-closure", TEMPLATES["belle"], tiny_tokenizer, TokenizeOptions(),
                            cache_dir=tmp_path)
     assert out.report["rows"] == 1
+
+
+def test_tokenize_benchmark_runs_and_reports(tiny_model_dir, tmp_path):
+    """bench/tokenize_scale.py end to end on a few rows (its numbers are measured on the real model, see bench/)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "tokenize_scale.py"
+    done = subprocess.run([sys.executable, str(script), "--rows", "300", "--model", str(tiny_model_dir("llama")),
+                           "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout[done.stdout.index("{"):])
+    assert report["rows"] == 300 and report["tokens"] > 300
+    assert report["peak_anonymous_all_processes_gib"] > 0
