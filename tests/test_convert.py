@@ -306,3 +306,22 @@ def test_hf_missing_dataset_is_a_clear_error(tmp_path):
         list(iter_records("hf:zhiling-no-such-user/no-such-dataset", "alpaca", announce=None))
     with pytest.raises(DataError, match="names no dataset"):
         list(iter_records("hf:", "alpaca", announce=None))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"{\"a\": 1", "not valid JSON"),
+    (b"\xff\xfe{}", "not valid JSON"),
+    (b"[1, 2]", "expected a JSON object, got array"),
+])
+def test_read_json_object_names_the_file(tmp_path, content, message):
+    from zhiling.data.reader import read_json_object
+
+    path = tmp_path / "side.json"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message) as info:
+        read_json_object(path)
+    assert str(path) in str(info.value)
+    with pytest.raises(DataError, match="missing.json.*cannot read it: No such file"):
+        read_json_object(tmp_path / "missing.json")
+    path.write_text('{"a": [1]}', encoding="utf-8")
+    assert read_json_object(path) == {"a": [1]}

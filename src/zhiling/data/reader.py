@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from zhiling.data.records import type_name
 from zhiling.errors import DataError
 
 
@@ -51,6 +52,21 @@ def check_file(path: str | Path) -> Path:
     if path.stat().st_size == 0:
         raise DataError("file is empty", str(path))
     return path
+
+
+def read_json_object(path: str | Path, *, unreadable: str = "not valid JSON",
+                     expected: str = "expected a JSON object") -> dict:
+    """A whole file that holds one JSON object (a side file, a mapping); a ``DataError`` naming the file when it
+    cannot be read, is not JSON, or holds something else."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise DataError(f"cannot read it: {exc.strerror or exc}", str(path)) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{unreadable}: {exc}", str(path)) from None
+    if not isinstance(value, dict):
+        raise DataError(f"{expected}, got {type_name(value)}", str(path))
+    return value
 
 
 def iter_jsonl(path: str | Path) -> Iterator[RawRow | DataError]:

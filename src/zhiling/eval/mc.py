@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import Callable, Sequence
 
-from zhiling.data.reader import check_file, iter_jsonl
+from zhiling.data.reader import check_file, iter_jsonl, read_json_object
 from zhiling.data.records import type_name
 from zhiling.errors import DataError, ZhilingError
 from zhiling.eval.tables import Table
@@ -236,12 +235,7 @@ def _mapping(folder: Path) -> dict:
     path = folder / MAPPING_FILE
     if not path.exists():
         return {}
-    try:
-        mapping = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"not valid JSON: {exc}", str(path)) from None
-    if not isinstance(mapping, dict):
-        raise DataError("expected an object {subject: [English name, Chinese name, category]}", str(path))
+    mapping = read_json_object(path, expected="expected an object {subject: [English name, Chinese name, category]}")
     for key, value in mapping.items():
         if not (isinstance(value, list) and 1 <= len(value) <= 3 and all(isinstance(v, str) for v in value)):
             raise DataError("expected [English name, Chinese name, category]", str(path), field=key)

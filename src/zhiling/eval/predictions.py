@@ -15,12 +15,11 @@ file named ``PRED.jsonl.meta.json``; ``read_predictions`` returns them as ``meta
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zhiling.data.reader import iter_jsonl
+from zhiling.data.reader import iter_jsonl, read_json_object
 from zhiling.data.records import get_str, type_name
 from zhiling.errors import DataError
 
@@ -108,16 +107,6 @@ def parse_prediction(value: Any, line: int) -> Prediction:
                       extra={k: v for k, v in value.items() if k not in _KNOWN})
 
 
-def _read_meta_file(path: Path) -> dict:
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read the generation-parameters file: {exc}", str(path)) from None
-    if not isinstance(meta, dict):
-        raise DataError(f"expected a JSON object, got {type_name(meta)}", str(path))
-    return meta
-
-
 def read_predictions(path: str | Path) -> PredictionFile:
     """Read and check every row; the first bad row raises a ``DataError`` naming file, line and field."""
     path = Path(path)
@@ -144,5 +133,5 @@ def read_predictions(path: str | Path) -> PredictionFile:
         raise DataError("no prediction rows (only a header)", str(path))
     side = meta_path(path)
     if side.exists():
-        meta = {**_read_meta_file(side), **meta}
+        meta = {**read_json_object(side, unreadable="cannot read the generation-parameters file"), **meta}
     return PredictionFile(str(path), rows, meta)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from zhiling import __version__
-from zhiling.data.reader import iter_jsonl
+from zhiling.data.reader import iter_jsonl, read_json_object
 from zhiling.errors import DataError, ZhilingError
 
 RUN_KINDS = ("metrics", "judge", "mc")
@@ -63,13 +63,7 @@ def write_run(out_dir: str | Path, kind: str, *, summary: dict, rows: list[dict]
 def _read_json(path: Path) -> dict:
     if not path.exists():
         raise DataError("missing (is this a folder written by `zhiling eval metrics|judge|mc`?)", str(path))
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"not valid JSON: {exc}", str(path)) from None
-    if not isinstance(value, dict):
-        raise DataError("expected a JSON object", str(path))
-    return value
+    return read_json_object(path)
 
 
 def read_run(path: str | Path) -> Run:
