@@ -152,24 +152,25 @@ def test_written_report_is_self_contained(tmp_path):
     assert "### Side by side" in markdown
 
 
-def test_markdown_fences_survive_backticks(tmp_path):
+def _one_row_run(tmp_path, row: dict):
+    """A metrics run folder (exact match) over a single prediction row."""
     pred = tmp_path / "p.jsonl"
-    pred.write_text(json.dumps({"id": "c1", "prompt": "写代码", "output": "```python\nprint(1)\n```",
-                                "reference": "print(1)"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    pred.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
     result = R.evaluate(read_predictions(pred), R.parse_metric_specs("em"))
-    folder = write_run(tmp_path / "run", "metrics", summary=result.summary, rows=result.rows, markdown="",
-                       inputs=[], options={})
+    return write_run(tmp_path / "run", "metrics", summary=result.summary, rows=result.rows, markdown="",
+                     inputs=[], options={})
+
+
+def test_markdown_fences_survive_backticks(tmp_path):
+    folder = _one_row_run(tmp_path, {"id": "c1", "prompt": "写代码", "output": "```python\nprint(1)\n```",
+                                     "reference": "print(1)"})
     markdown = to_markdown(build_report([read_run(folder)], samples=1))
     assert "````text\n```python\nprint(1)\n```\n````" in markdown
 
 
 def test_html_escapes_model_output(tmp_path):
-    pred = tmp_path / "p.jsonl"
-    pred.write_text(json.dumps({"id": "x1", "prompt": "写网页", "output": "<script>alert(1)</script>",
-                                "reference": "<b>好</b>"}, ensure_ascii=False) + "\n", encoding="utf-8")
-    result = R.evaluate(read_predictions(pred), R.parse_metric_specs("em"))
-    folder = write_run(tmp_path / "run", "metrics", summary=result.summary, rows=result.rows, markdown="",
-                       inputs=[], options={})
+    folder = _one_row_run(tmp_path, {"id": "x1", "prompt": "写网页", "output": "<script>alert(1)</script>",
+                                     "reference": "<b>好</b>"})
     _, page_path = write_report(build_report([read_run(folder)], samples=1), tmp_path / "report")
     page = page_path.read_text(encoding="utf-8")
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script" not in page
