@@ -2,8 +2,10 @@
 # Set up zhiling in ./.venv on a fresh machine (Python 3.10+, pip, a C compiler).
 #   bash scripts/setup.sh        # the package and what `zhiling quickstart` needs
 #   bash scripts/setup.sh dev    # plus everything the test suite needs (QLoRA, server, web UI, GGUF, browser)
-# Where no NVIDIA GPU is present, the CPU build of torch 2.13.0 is installed first, so pip does not pull a
-# multi-GB CUDA build. Re-running is cheap: pip skips what is already installed.
+# Where no NVIDIA GPU is present, the CPU build of torch 2.13.0 is installed first from PyTorch's CPU wheel index
+# ($ZHILING_TORCH_INDEX overrides it), so pip does not pull a multi-GB CUDA build; where that index cannot be reached
+# (5 s probe) it falls back to plain `pip install torch==2.13.0` (see scripts/install_torch.py).
+# Re-running is cheap: pip skips what is already installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-run}"
@@ -14,9 +16,7 @@ python="${PYTHON:-python3}"
 # shellcheck disable=SC1091
 . .venv/bin/activate
 pip install -q --upgrade pip
-if ! command -v nvidia-smi >/dev/null 2>&1; then
-    pip install -q "torch==2.13.0"
-fi
+python scripts/install_torch.py -q
 case "$mode" in
     run) pip install -q -e . ;;
     dev)
