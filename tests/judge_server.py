@@ -1,7 +1,8 @@
 """A tiny OpenAI-compatible chat-completions server for judge tests (http.server in a thread, 127.0.0.1, free port).
 
 ``respond(request_body) -> str | tuple[int, dict]`` scripts the answers: a string becomes the assistant message,
-a (status, body) tuple an HTTP error. Every request body is kept in ``server.requests``.
+a (status, body) tuple an HTTP error. Every request body is kept in ``server.requests`` and its headers (names
+lower-cased) in ``server.headers``. Requests without ``Authorization: Bearer <key>`` get 401, unless ``key`` is None.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ def answers_in(body: dict) -> dict[str, str]:
 
 
 class JudgeServer:
-    def __init__(self, respond: Callable[[dict], "str | tuple[int, dict]"]):
+    def __init__(self, respond: Callable[[dict], "str | tuple[int, dict]"], key: str | None = "test-key"):
         self.respond = respond
         self.requests: list[dict] = []
+        self.headers: list[dict[str, str]] = []
         self._lock = threading.Lock()
         server = self
 
@@ -37,9 +39,10 @@ class JudgeServer:
                 body = json.loads(self.rfile.read(length))
                 with server._lock:
                     server.requests.append(body)
+                    server.headers.append({name.lower(): value for name, value in self.headers.items()})
                 if self.path.rstrip("/") != "/v1/chat/completions":
                     return self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
-                if self.headers.get("Authorization") != "Bearer test-key":
+                if key is not None and self.headers.get("Authorization") != f"Bearer {key}":
                     return self._send(401, {"error": {"message": "bad key", "type": "invalid_request_error"}})
                 answer = server.respond(body)
                 if isinstance(answer, tuple):
@@ -52,11 +55,14 @@ class JudgeServer:
 
             def _send(self, status: int, payload: dict):
                 data = json.dumps(payload).encode("utf-8")
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up waiting (a timeout test)
+                    pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"

@@ -3,6 +3,7 @@ talking to a scripted judge server started by the test."""
 
 import json
 import re
+import threading
 
 import pytest
 from judge_server import JudgeServer, answers_in
@@ -13,7 +14,7 @@ from zhiling.eval.predictions import read_predictions
 from zhiling.eval.suite import (SuiteItem, answers_from_generate, answers_from_predictions, load_suite,
                                 suite_records)
 
-import openai  # noqa: F401
+import openai
 
 # ------------------------------------------------------------------------------------------- parsing
 
@@ -160,7 +161,7 @@ def _systems(good=9, bad=3):
 
 
 def _client(server, key="test-key", **kwargs):
-    return J.OpenAIJudge(server.url, "judge-test", key, timeout=10, **kwargs)
+    return J.OpenAIJudge(server.url, "judge-test", key, **{"timeout": 10, **kwargs})
 
 
 def test_judge_retries_marks_and_caches(tmp_path):
@@ -276,3 +277,144 @@ def test_duplicate_system_names_are_refused():
     systems[1].name = "good"
     with pytest.raises(ZhilingError, match="unique"):
         J.run_judge(J.OpenAIJudge("http://127.0.0.1:9/v1", "m", "k"), SUITE, systems, cache=J.JudgeCache(None))
+
+
+# ------------------------------------------------------------------------------------------- keys and endpoints
+
+SECRETS = {"OPENAI_API_KEY": "sk-secret-openai", "OPENAI_ORG_ID": "org-secret", "OPENAI_PROJECT_ID": "proj-secret",
+           "OPENAI_CUSTOM_HEADERS": "Authorization: Bearer sk-secret-custom\nX-Api-Key: sk-secret-x"}
+
+
+def _judge_cli(tmp_path, url, *extra):
+    """`zhiling eval judge` on a two-prompt suite file with one system; returns the exit code."""
+    from zhiling.cli import main
+
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text("".join(json.dumps({"id": i.id, "category": i.category, "prompt": i.prompt}, ensure_ascii=False)
+                             + "\n" for i in SUITE[:2]), encoding="utf-8")
+    _write_predictions(tmp_path / "lora.jsonl", SUITE[:2], lambda item: "SCORE=6 答")
+    return main(["eval", "judge", "--suite", str(suite), "--answers", f"lora={tmp_path / 'lora.jsonl'}",
+                 "--judge-url", url, "--judge-model", "judge-test", "--cache-dir", str(tmp_path / "cache"),
+                 "-q", *extra])
+
+
+def _fives(body):
+    return json.dumps({label: 5 for label in answers_in(body)})
+
+
+def test_openai_key_is_sent_to_another_endpoint_only_when_named(tmp_path, monkeypatch, capsys):
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("JUDGE_KEY", "test-key")
+    with JudgeServer(_fives, key=None) as server:
+        assert _judge_cli(tmp_path, server.url, "--no-cache", "-o", str(tmp_path / "a")) == 0
+        sent = list(server.headers)
+        assert len(sent) == 2
+        # no key, and nothing else the openai client would take from OPENAI_* variables
+        assert all(h["authorization"] == "Bearer EMPTY" for h in sent)
+        assert not any("secret" in value for h in sent for value in h.values()), sent
+        assert "not sending $OPENAI_API_KEY" in capsys.readouterr().err
+
+        # named: that variable's key, and still none of the other OPENAI_* values
+        assert _judge_cli(tmp_path, server.url, "--no-cache", "--api-key-env", "OPENAI_API_KEY",
+                          "-o", str(tmp_path / "b")) == 0
+        named = server.headers[2:]
+        assert all(h["authorization"] == "Bearer sk-secret-openai" for h in named)
+        assert not any("secret" in value for h in named for value in h.values() if value != "Bearer sk-secret-openai")
+        assert _judge_cli(tmp_path, server.url, "--no-cache", "--api-key-env", "JUDGE_KEY",
+                          "-o", str(tmp_path / "c")) == 0
+        assert all(h["authorization"] == "Bearer test-key" for h in server.headers[4:])
+
+
+def test_which_key_goes_where(monkeypatch):
+    from zhiling.eval.endpoint import api_key_for, is_official_openai
+
+    env = {"OPENAI_API_KEY": "sk-o", "OTHER": "sk-x"}
+    assert is_official_openai("https://api.openai.com/v1") and is_official_openai("https://API.openai.com:443/v1")
+    for url in ("http://api.openai.com/v1", "https://api.openai.com.evil.example/v1", "https://evil.example/v1",
+                "https://u:p@api.openai.com/v1", "https://api.openai.com:8443/v1", "https://xapi.openai.com/v1"):
+        assert not is_official_openai(url), url
+        assert api_key_for(url, None, env)[0] is None, url
+        assert api_key_for(url, "OTHER", env)[0] == "sk-x"
+    key, note = api_key_for("https://api.openai.com/v1", None, env)
+    assert key == "sk-o" and "sending $OPENAI_API_KEY" in note
+    assert api_key_for("https://api.openai.com/v1", "OTHER", env)[0] == "sk-x"
+    assert api_key_for("http://127.0.0.1:8000/v1", "UNSET", env) == (None, "$UNSET is not set; sending no API key "
+                                                                           "to http://127.0.0.1:8000/v1")
+    # the official endpoint keeps the headers the client takes from OPENAI_* variables; any other gets them omitted
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-1")
+    assert J.OpenAIJudge("https://api.openai.com/v1", "m", "k").client.default_headers["OpenAI-Organization"] == "org-1"
+    assert isinstance(J.OpenAIJudge("https://judge.example/v1", "m", "k").client.default_headers["OpenAI-Organization"],
+                      openai.Omit)
+
+
+def test_plain_http_to_another_host_is_warned(tmp_path, monkeypatch, capsys):
+    from zhiling.eval import endpoint
+
+    warn = endpoint.plain_http_warning
+    assert "the API key, prompts and answers" in warn("http://10.0.0.5:8000/v1", sends_key=True)
+    assert "prompts and answers cross the network unencrypted" in warn("http://judge.lan/v1", sends_key=False)
+    for url in ("http://127.0.0.1:8000/v1", "http://localhost:8000/v1", "http://[::1]:8000/v1",
+                "http://127.8.0.1/v1", "https://judge.example/v1"):
+        assert warn(url, sends_key=True) is None, url
+    monkeypatch.setenv("JUDGE_KEY", "test-key")
+    with JudgeServer(_fives) as server:
+        assert _judge_cli(tmp_path, server.url, "--api-key-env", "JUDGE_KEY", "-o", str(tmp_path / "a")) == 0
+        assert "unencrypted" not in capsys.readouterr().err
+        monkeypatch.setattr(endpoint, "is_loopback", lambda host: False)  # as if the server were on another host
+        assert _judge_cli(tmp_path, server.url, "--api-key-env", "JUDGE_KEY", "-o", str(tmp_path / "b")) == 0
+        assert "the API key, prompts and answers cross the network unencrypted" in capsys.readouterr().err
+
+
+def test_run_files_and_cache_hold_no_credentials(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with JudgeServer(_fives, key=None) as server:
+        url = server.url.replace("http://", "http://judge-user:pw-secret@")
+        assert _judge_cli(tmp_path, url, "-o", str(tmp_path / "run")) == 0
+        assert len(server.requests) == 2
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["judge_url"] == server.url
+    written = [p for folder in ("run", "cache") for p in (tmp_path / folder).rglob("*") if p.is_file()]
+    assert written and not any("pw-secret" in p.read_text(encoding="utf-8") for p in written)
+
+    from zhiling.eval.endpoint import redact_url
+
+    assert redact_url("https://u:pw@judge.example:8443/v1?api_key=s1&api-version=2024&token=s2&X-Goog-Api-Key=s3#f") \
+        == "https://judge.example:8443/v1?api_key=REDACTED&api-version=2024&token=REDACTED&X-Goog-Api-Key=REDACTED"
+
+
+def test_cache_is_keyed_by_endpoint(tmp_path):
+    with JudgeServer(scripted_judge) as first, JudgeServer(scripted_judge) as second:
+        J.run_judge(_client(first), SUITE[:2], _systems(), cache=J.JudgeCache(tmp_path))
+        again = J.run_judge(_client(first), SUITE[:2], _systems(), cache=J.JudgeCache(tmp_path))
+        assert again.cached == 2 and again.requests == 0
+        elsewhere = J.run_judge(_client(second), SUITE[:2], _systems(), cache=J.JudgeCache(tmp_path))
+        assert elsewhere.cached == 0 and elsewhere.requests == 2 and len(second.requests) == 2
+    # a trailing slash or credentials in the URL do not make another endpoint
+    assert J.OpenAIJudge(first.url + "/", "m", "k").endpoint == J.OpenAIJudge(
+        first.url.replace("http://", "http://u:p@"), "m", "k").endpoint == first.url
+
+
+def test_a_request_that_times_out_marks_the_item_error(tmp_path):
+    release = threading.Event()
+
+    def slow_on_k2(body):
+        if "最大的大洋" in body["messages"][1]["content"]:
+            release.wait(10)  # longer than the client's timeout; released when the test ends
+        return _fives(body)
+
+    try:
+        with JudgeServer(slow_on_k2) as server:
+            run = J.run_judge(_client(server, timeout=0.3, max_retries=1), SUITE[:3], _systems(),
+                              cache=J.JudgeCache(tmp_path), retries=0)
+            release.set()
+            by_id = {row["id"]: row for row in run.items}
+            assert by_id["k-2"]["status"] == "error" and "no answer from the judge within 0.3 s" in \
+                by_id["k-2"]["reason"] and "2 attempt(s)" in by_id["k-2"]["reason"]
+            assert by_id["k-1"]["status"] == by_id["m-1"]["status"] == "ok"
+            assert sum("最大的大洋" in r["messages"][1]["content"] for r in server.requests) == 2
+            # not cached: the next run asks again for that prompt only
+            again = J.run_judge(_client(server), SUITE[:3], _systems(), cache=J.JudgeCache(tmp_path), retries=0)
+            assert again.requests == 1 and again.counts == {"ok": 3}
+    finally:
+        release.set()

@@ -93,10 +93,9 @@ def _parse_answer_specs(specs: list[str]) -> list[tuple[str, str]]:
 
 
 def _run_judge(args) -> int:
-    import os
-
     from zhiling.errors import ZhilingError
     from zhiling.eval import judge as J
+    from zhiling.eval.endpoint import api_key_for, plain_http_warning, redact_url
     from zhiling.eval.predictions import read_predictions
     from zhiling.eval.progress import progress_bar
     from zhiling.eval.rundir import write_run
@@ -112,11 +111,12 @@ def _run_judge(args) -> int:
         for message in answers.warnings:
             _warn(message)
         systems.append(answers)
-    api_key = os.environ.get(args.api_key_env)
-    if not api_key:
-        print(f"note: ${args.api_key_env} is not set; sending a placeholder key (fine for a local server)",
-              file=sys.stderr)
-    client = J.OpenAIJudge(args.judge_url, args.judge_model, api_key or "EMPTY", timeout=args.timeout,
+    api_key, note = api_key_for(args.judge_url, args.api_key_env)
+    print(f"note: {note}", file=sys.stderr)
+    insecure = plain_http_warning(args.judge_url, sends_key=api_key is not None)
+    if insecure:
+        _warn(insecure)
+    client = J.OpenAIJudge(args.judge_url, args.judge_model, api_key, timeout=args.timeout,
                            max_retries=args.http_retries)
     cache_dir = None if args.no_cache else (args.cache_dir or cache_root() / "judge")
     cache = J.JudgeCache(cache_dir)
@@ -126,7 +126,8 @@ def _run_judge(args) -> int:
     board = J.leaderboard(run.items, run.systems)
     tables = [J.ranking_table(board, run.systems), J.leaderboard_table(board, run.systems)]
     counts = {"items": len(run.items), "requests": run.requests, "cached": run.cached, **run.counts}
-    summary = {"judge_model": args.judge_model, "judge_url": args.judge_url, "rubric_version": J.RUBRIC_VERSION,
+    summary = {"judge_model": args.judge_model, "judge_url": redact_url(args.judge_url),
+               "rubric_version": J.RUBRIC_VERSION,
                "suite": str(args.suite), "systems": [{"name": s.name, "source": s.source} for s in systems],
                "leaderboard": board, "counts": counts}
     out = write_run(args.output, "judge", summary=summary, rows=run.items, name=args.name,
@@ -154,7 +155,9 @@ def _register_judge(group) -> None:
         10 Chinese prompts: knowledge, translation, writing, sentiment, reading, culture, code, safety, math).
         A judge model behind any OpenAI-compatible endpoint sees all systems' answers side by side and gives each
         an integer 0-10 under a fixed rubric. Malformed judge answers are retried, then marked unparsed (never
-        guessed). Judge answers are cached, so a re-run sends no request. Writes a RUN_DIR with the leaderboard.""",
+        guessed). Judge answers are cached per endpoint, so a re-run sends no request. Writes a RUN_DIR with the
+        leaderboard (the URL without credentials). $OPENAI_API_KEY is sent only to https://api.openai.com; any other
+        server gets the key in the variable named by --api-key-env, or none.""",
         examples="""
         zhiling eval suite-prompts -o suite.jsonl
         zhiling predict --model M --input suite.jsonl --output base.jsonl
@@ -164,6 +167,8 @@ def _register_judge(group) -> None:
             --judge-url https://api.openai.com/v1 --judge-model gpt-4o -o runs/judge
         zhiling eval judge --answers lora.jsonl --judge-url http://127.0.0.1:8000/v1 --judge-model qwen \\
             --categories code,math --limit 3 -o runs/judge-quick
+        DEEPSEEK_KEY=sk-... zhiling eval judge --answers lora.jsonl --judge-url https://api.deepseek.com/v1 \\
+            --judge-model deepseek-chat --api-key-env DEEPSEEK_KEY -o runs/judge-ds
         """)
     parser.add_argument("--suite", default="bundled", metavar="bundled|FILE", help="suite jsonl (default: bundled)")
     parser.add_argument("--answers", action="append", required=True, metavar="NAME=PRED.jsonl",
@@ -171,16 +176,19 @@ def _register_judge(group) -> None:
     parser.add_argument("--judge-url", required=True, metavar="URL",
                         help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--judge-model", required=True, metavar="MODEL", help="model name at that endpoint")
-    parser.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
-                        help="environment variable holding the API key (default: OPENAI_API_KEY)")
+    parser.add_argument("--api-key-env", metavar="VAR",
+                        help="environment variable holding this endpoint's API key (default: OPENAI_API_KEY for "
+                             "https://api.openai.com, no key for any other URL)")
     parser.add_argument("--categories", metavar="LIST", help="only these comma-separated categories")
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N prompts of each category")
     parser.add_argument("--retries", type=int, default=2, metavar="N",
                         help="re-ask a malformed judge answer up to N times (default 2)")
     parser.add_argument("--concurrency", type=int, default=4, metavar="N", help="parallel requests (default 4)")
-    parser.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds per request (default 120)")
+    parser.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                        help="seconds per request (default 120); a prompt still unanswered after the retries is "
+                             "marked error")
     parser.add_argument("--http-retries", type=int, default=2, metavar="N",
-                        help="client retries on connection / server errors (default 2)")
+                        help="client retries on connection / server errors and timeouts (default 2)")
     parser.add_argument("--cache-dir", metavar="DIR", help="judge cache folder (default: ~/.cache/zhiling/judge)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the judge cache")
     parser.add_argument("--retry-unparsed", action="store_true",

@@ -7,15 +7,17 @@ integer 0-10 per label and nothing else (a single ```json fence around it is tol
 sent back with the reason and asked again, up to ``retries`` times; after that the item is marked ``unparsed``
 and left out of the means -- a score is never guessed.
 
-Judge answers are cached in ``CACHE_DIR/judge-cache.jsonl``, keyed by judge model, rubric version, category,
-prompt, reference and the labelled answers, so a re-run (or a run that adds nothing new) makes no request.
-Requests that fail (server errors after the client's own retries) are marked ``error`` and not cached.
+Judge answers are cached in ``CACHE_DIR/judge-cache.jsonl``, keyed by judge endpoint, judge model, rubric version,
+category, prompt, reference and the labelled answers, so a re-run (or a run that adds nothing new) makes no request,
+and the same prompt sent to another endpoint is judged there. Requests that fail (server errors or timeouts after
+the client's own retries) are marked ``error`` and not cached. Which API key goes where: ``zhiling.eval.endpoint``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 import threading
@@ -23,9 +25,10 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 from zhiling.errors import ZhilingError
+from zhiling.eval.endpoint import PLACEHOLDER_KEY, endpoint_id, is_official_openai, redact_url
 from zhiling.eval.suite import SuiteItem, SystemAnswers, category_title
 from zhiling.eval.tables import Table
 
@@ -52,8 +55,13 @@ class ScoreParseError(ValueError):
     """The judge's answer is not exactly one JSON object with an integer 0-10 per label."""
 
 
+class JudgeRequestError(Exception):
+    """One judge request failed for good (e.g. timed out after the retries): that item is marked ``error``."""
+
+
 class JudgeClient(Protocol):
     model: str
+    endpoint: str  # identifies the server (``endpoint_id``): part of the cache key
 
     def complete(self, messages: list[dict]) -> str: ...
 
@@ -121,29 +129,54 @@ def parse_scores(text: str | None, labels: Sequence[str]) -> dict[str, int]:
     return scores
 
 
-class OpenAIJudge:
-    """A judge behind an OpenAI-compatible chat-completions endpoint (official ``openai`` client, temperature 0)."""
+def ambient_headers(environ: Mapping[str, str]) -> list[str]:
+    """Headers the ``openai`` client adds by itself from ``OPENAI_*`` variables (organization, project,
+    ``OPENAI_CUSTOM_HEADERS``), other than Authorization."""
+    names = ["OpenAI-Organization", "OpenAI-Project"]
+    for line in (environ.get("OPENAI_CUSTOM_HEADERS") or "").split("\n"):
+        name = line.partition(":")[0].strip()
+        if ":" in line and name and name.lower() != "authorization":
+            names.append(name)
+    return names
 
-    def __init__(self, base_url: str, model: str, api_key: str, *, timeout: float = 120.0, max_retries: int = 2,
-                 max_tokens: int = 256):
+
+class OpenAIJudge:
+    """A judge behind an OpenAI-compatible chat-completions endpoint (official ``openai`` client, temperature 0).
+
+    ``api_key`` is sent as the bearer token (a placeholder when None), and nothing else the client would read from
+    ``OPENAI_*`` variables goes to a server that is not the official OpenAI endpoint."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None, *, timeout: float = 120.0,
+                 max_retries: int = 2, max_tokens: int = 256):
         try:
             import openai
         except ImportError:
             raise ZhilingError("the judge needs the openai package: pip install 'zhiling[eval]'") from None
         self._openai = openai
         self.model = model
-        self.base_url = base_url
+        self.base_url = redact_url(base_url)  # for messages: never the credentials a URL may carry
+        self.endpoint = endpoint_id(base_url)
+        self.timeout, self.max_retries = timeout, max_retries
         self.max_tokens = max_tokens
-        self.client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
+        key = api_key or PLACEHOLDER_KEY
+        # an explicit Authorization header also overrides one from OPENAI_CUSTOM_HEADERS
+        headers: dict = {"Authorization": f"Bearer {key}"}
+        if not is_official_openai(base_url):
+            headers.update({name: openai.Omit() for name in ambient_headers(os.environ)})
+        self.client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries,
+                                    default_headers=headers)
 
     def complete(self, messages: list[dict]) -> str:
         openai = self._openai
         try:
             response = self.client.chat.completions.create(model=self.model, messages=messages, temperature=0,
                                                            max_tokens=self.max_tokens)
+        except openai.APITimeoutError:  # a subclass of APIConnectionError: this item fails, the run goes on
+            raise JudgeRequestError(f"no answer from the judge within {self.timeout:g} s, "
+                                    f"{1 + self.max_retries} attempt(s)") from None
         except openai.AuthenticationError as exc:
             raise ZhilingError(f"judge endpoint {self.base_url} rejected the API key (HTTP {exc.status_code}); "
-                               "set it in the variable named by --api-key-env") from None
+                               "name the variable holding its key with --api-key-env VAR") from None
         except openai.NotFoundError:
             raise ZhilingError(f"judge endpoint {self.base_url} answered 404: check --judge-url (it usually ends "
                                f"in /v1) and --judge-model {self.model!r}") from None
@@ -192,10 +225,10 @@ class JudgeCache:
                 self._cut_off = False
 
 
-def cache_key(model: str, item: SuiteItem, answers: Sequence[str]) -> str:
-    payload = json.dumps({"judge_model": model, "rubric_version": RUBRIC_VERSION, "category": item.category,
-                          "prompt": item.prompt, "reference": item.reference, "answers": list(answers)},
-                         ensure_ascii=False, sort_keys=True)
+def cache_key(endpoint: str, model: str, item: SuiteItem, answers: Sequence[str]) -> str:
+    payload = json.dumps({"judge_endpoint": endpoint, "judge_model": model, "rubric_version": RUBRIC_VERSION,
+                          "category": item.category, "prompt": item.prompt, "reference": item.reference,
+                          "answers": list(answers)}, ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
@@ -245,7 +278,7 @@ def run_judge(client: JudgeClient, suite: Sequence[SuiteItem], systems: Sequence
     def one(item: SuiteItem) -> dict:
         order = system_order(item.id, names)
         answers = [answers_by_name[name][item.id] for name in order]
-        key = cache_key(client.model, item, answers)
+        key = cache_key(client.endpoint, client.model, item, answers)
         entry = cache.get(key)
         if entry is not None and not (retry_unparsed and entry["status"] == "unparsed"):
             with count_lock:
@@ -256,10 +289,11 @@ def run_judge(client: JudgeClient, suite: Sequence[SuiteItem], systems: Sequence
                 result = judge_answers(_Counting(client, run, count_lock), item, answers, retries)
             except ZhilingError:
                 raise
-            except Exception as exc:  # server error after the client's own retries: mark, do not cache
+            except Exception as exc:  # server error or timeout after the client's own retries: mark, do not cache
                 result = {"status": "error", "scores": None, "raw": [], "reason": f"{type(exc).__name__}: {exc}"}
             else:
-                cache.put({"key": key, "judge_model": client.model, "rubric_version": RUBRIC_VERSION, **result})
+                cache.put({"key": key, "judge_endpoint": client.endpoint, "judge_model": client.model,
+                           "rubric_version": RUBRIC_VERSION, **result})
         labels = labels_for(len(order))
         scores = None
         if result["status"] == "ok":
@@ -292,7 +326,7 @@ class _Counting:
 
     def __init__(self, client: JudgeClient, run: JudgeRun, lock: threading.Lock):
         self.client, self.run, self.lock = client, run, lock
-        self.model = client.model
+        self.model, self.endpoint = client.model, client.endpoint
 
     def complete(self, messages: list[dict]) -> str:
         with self.lock:
