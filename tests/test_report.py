@@ -38,6 +38,7 @@ def _metrics_run(tmp_path, name, column):
 
 class FakeJudge:
     model = "fake-judge"
+    endpoint = "fake://judge"
 
     def complete(self, messages):
         answers = dict(re.findall(r"\[回答 ([A-Z])\]\n(.*?)\n\[回答 \1 结束\]", messages[1]["content"], re.DOTALL))
