@@ -382,6 +382,47 @@ def test_coig_counterfactual_archive_and_folder(tmp_path):
     assert list(iter_records(str(folder), "coig", announce=None)) == expected
 
 
+def tar_gz(path, members: dict[str, bytes]):
+    with tarfile.open(path, "w:gz") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_coig_archive_jsonl_member_gives_one_row_per_line(tmp_path):
+    exam = {"textbox_question": "一加一等于几？", "textbox_answer": "二"}
+    trans = {"trans_instruction": "翻译", "trans_input": "hello", "trans_output": "你好"}
+    lines = [json.dumps(exam, ensure_ascii=False), json.dumps(trans, ensure_ascii=False), "{broken"]
+    path = tar_gz(tmp_path / "coig.tar.gz", {"part/exam.jsonl": "\n".join(lines).encode("utf-8") + b"\n"})
+    rejected = []
+    records = list(iter_records(str(path), "coig", skip_invalid=True, rejected=rejected.append, announce=None))
+    assert [r["subset"] for r in records] == ["exam", "translated"]
+    assert [(item.file, item.line) for item in rejected] == [(f"{path}:part/exam.jsonl", 3)]
+
+
+def test_coig_damaged_archive_is_a_clear_error(tmp_path):
+    dialogue = json.dumps({"round_0": {"response": json.dumps({"Q": "问", "A": "答"})}}).encode()
+    whole = tar_gz(tmp_path / "whole.tar.gz", {f"{i}.json": dialogue for i in range(50)}).read_bytes()
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(whole[:len(whole) * 2 // 3])
+    with pytest.raises(DataError) as info:
+        list(iter_records(str(cut), skip_invalid=True, rejected=lambda r: None, announce=None))
+    assert info.value.path == str(cut) and "cannot read the archive" in info.value.reason
+
+
+def test_coig_dialogue_file_that_is_not_utf8_is_an_error(tmp_path):
+    folder = tmp_path / "chats"
+    folder.mkdir()
+    text = json.dumps({"round_0": {"response": json.dumps({"Q": "问题", "A": "回答"}, ensure_ascii=False)}},
+                      ensure_ascii=False, indent=2)
+    (folder / "0001.json").write_bytes(text.encode("utf-8").replace("回答".encode("utf-8"), "回答".encode("gbk")))
+    with pytest.raises(DataError) as info:
+        list(iter_records(str(folder), "coig", announce=None))
+    assert info.value.path == str(folder / "0001.json") and "not valid UTF-8" in info.value.reason
+
+
 # ----- registry of formats ------------------------------------------------------------------------------------------
 def test_every_format_has_an_example_that_converts():
     for name, spec in all_formats().items():
