@@ -231,6 +231,8 @@ def test_detection_message(tmp_path):
     ({"textbox_question": "q", "textbox_answer": "a"}, "coig"),
     ({"trans_instruction": "q", "trans_output": "a", "instruction": "q", "output": "a"}, "coig"),
     ({"round_0": {}}, "coig"),
+    ({"history": [{"input": "a", "output": "b"}], "input": "c", "output": "d"}, "vicuna_chitchat"),
+    ({"history": [], "input": "c", "output": "d"}, "vicuna_chitchat"),
     ({"instruction": "a", "output": "b", "history": [["q", "a"]], "input": "c"}, "alpaca"),
 ])
 def test_detect_each_format(row, expected):

@@ -203,6 +203,34 @@ def test_vicuna_chat_bad_rows(tmp_path, row, field, reason):
     assert err.field == field and reason in err.reason
 
 
+# ----- vicuna_chitchat ----------------------------------------------------------------------------------------------
+def test_vicuna_chitchat_rows(tmp_path):
+    rows = [{"history": [{"input": "你好", "output": "你好呀"}, {"input": "在忙吗", "output": "不忙"}],
+             "input": "聊聊天吧", "output": "好啊"},
+            {"history": [], "input": "只问一句", "output": "只答一句"}]
+    assert convert(tmp_path, "vicuna_chitchat", rows) == [
+        chat("你好", "你好呀", "在忙吗", "不忙", "聊聊天吧", "好啊", id="vicuna_chitchat-000001",
+             source="vicuna_chitchat"),
+        chat("只问一句", "只答一句", id="vicuna_chitchat-000002", source="vicuna_chitchat"),
+    ]
+    assert convert(tmp_path, "auto", rows) == convert(tmp_path, "vicuna_chitchat", rows)
+    prompt = [{"history": [{"input": "一", "output": "二"}], "input": "三"}]
+    assert convert(tmp_path, "vicuna_chitchat", prompt, {"require_answer": "false"})[0]["messages"][-1] == {
+        "role": "user", "content": "三"}
+
+
+@pytest.mark.parametrize("row, field, reason", [
+    ({"history": [{"input": "a"}], "input": "b", "output": "c"}, "history[0].output", "missing field 'output'"),
+    ({"history": [["a", "b"]], "input": "b", "output": "c"}, "history[0]", "got array"),
+    ({"history": [{"input": "a", "output": " "}], "input": "b", "output": "c"}, "history[0].output", "is empty"),
+    ({"history": "a", "input": "b", "output": "c"}, "history", "expected an array, got string"),
+    ({"history": [], "input": "b"}, "output", "missing field 'output'"),
+])
+def test_vicuna_chitchat_bad_rows(tmp_path, row, field, reason):
+    err = convert_error(tmp_path, "vicuna_chitchat", [row])
+    assert (err.line, err.field) == (1, field) and reason in err.reason
+
+
 # ----- firefly ------------------------------------------------------------------------------------------------------
 def test_firefly_rows_keep_kind(tmp_path):
     rows = [{"kind": "Couplet", "input": "对下联：春风", "target": "秋雨"}]

@@ -97,8 +97,8 @@ def register(group) -> None:
     parser = add_command(
         group, "convert", help="convert raw instruction data to canonical jsonl", func=_convert,
         description="""
-        Convert raw instruction data (alpaca, BELLE, instruct/query/answer, ShareGPT, Chinese-Vicuna chat,
-        Firefly, PsyQA, couplets, Baize, COIG, OpenAI messages, or hf:NAME datasets) into canonical jsonl:
+        Convert raw instruction data (alpaca, BELLE, instruct/query/answer, ShareGPT, Chinese-Vicuna chat and
+        chit-chat, Firefly, PsyQA, couplets, Baize, COIG, OpenAI messages, or hf:NAME datasets) into canonical jsonl:
         {"id", "system", "messages": [{"role", "content"}...], "source"}.
 
         Without --format the format is detected from the content: the layout of each file (a JSON array or

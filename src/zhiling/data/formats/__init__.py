@@ -132,6 +132,7 @@ FORMAT_MODULES = [
     "zhiling.data.formats.psyqa",
     "zhiling.data.formats.firefly",
     "zhiling.data.formats.vicuna_chat",
+    "zhiling.data.formats.vicuna_chitchat",
     "zhiling.data.formats.baize",
     "zhiling.data.formats.sharegpt",
     "zhiling.data.formats.canonical",
