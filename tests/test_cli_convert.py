@@ -35,7 +35,7 @@ def test_convert_detects_and_reports(tmp_path, capsys):
     assert main(["data", "convert", str(src), "-o", str(tmp_path / "o.jsonl"), "--dedup"]) == 0
     err = capsys.readouterr().err
     assert f"detected format 'belle' for {src}" in err
-    assert "3 rows read, 1 records written, 2 duplicates removed" in err
+    assert "3 rows read = 1 written + 0 rejected + 2 duplicates" in err
 
 
 def test_convert_strict_error_exit_code(tmp_path, capsys):
@@ -51,9 +51,22 @@ def test_convert_skip_invalid(tmp_path, capsys):
     src.write_text('{"instruction": "问", "output": "答"}\nnot json\n', encoding="utf-8")
     assert main(["data", "convert", str(src), "-o", str(tmp_path / "o.jsonl"), "--skip-invalid"]) == 0
     err = capsys.readouterr().err
-    assert "2 rows read, 1 records written, 1 rejected" in err and str(tmp_path / "o.rejected.jsonl") in err
+    assert "2 rows read = 1 written + 1 rejected + 0 duplicates" in err and str(tmp_path / "o.rejected.jsonl") in err
     rejected = read_jsonl(tmp_path / "o.rejected.jsonl")
     assert rejected[0]["line"] == 2 and rejected[0]["raw"] == "not json"
+
+
+def test_convert_txt_of_json_lines_accounts_for_every_row(tmp_path, capsys):
+    src = tmp_path / "train.txt"  # baichuan-QLoRA-Tuning's data/msra/train.txt layout
+    src.write_text('{"instruction": "找出人名", "input": "张三来了。", "output": "张三_人名"}\n'
+                   '{"instruction": "找出人名", "input": "张三来了。", "output": "张三_人名"}\n'
+                   '{"instruction": "找出人名", "input": "李四走了。", "output": ""}\n', encoding="utf-8")
+    out = tmp_path / "o.jsonl"
+    assert main(["data", "convert", str(src), "-o", str(out), "--skip-invalid", "--dedup", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert f"detected format 'alpaca' for {src}" in err
+    assert "3 rows read = 1 written + 1 rejected + 1 duplicates" in err
+    assert len(read_jsonl(out)) == 1 and read_jsonl(tmp_path / "o.rejected.jsonl")[0]["line"] == 3
 
 
 def test_convert_shards_and_bad_arguments(tmp_path, capsys):

@@ -32,7 +32,7 @@ def test_acceptance_thousand_rows_one_broken_line(tmp_path):
     out = tmp_path / "out.jsonl"
     report = convert_files(str(good), out, "instruct", announce=None)
     records = read_jsonl(out)
-    assert (report.rows_read, report.records, len(records)) == (1000, 1000, 1000)
+    assert (report.read, report.records, len(records)) == (1000, 1000, 1000)
     assert records[0] == {"id": "instruct-000001", "system": "", "messages": [
         {"role": "user", "content": "找出句子中的人名\n第0句：小明0号在家。"},
         {"role": "assistant", "content": "小明0号_人名"}], "source": "instruct"}
@@ -49,7 +49,7 @@ def test_acceptance_thousand_rows_one_broken_line(tmp_path):
     assert not out2.exists() and not list(tmp_path.glob("out2*"))  # nothing half-written
 
     report = convert_files(str(broken), out2, "instruct", skip_invalid=True, announce=None)
-    assert (report.rows_read, report.records, report.rejected) == (1000, 999, 1)
+    assert (report.read, report.records, report.rejected) == (1000, 999, 1)
     rejected = read_jsonl(tmp_path / "out2.rejected.jsonl")
     assert rejected == [{"file": str(broken), "line": 457, "field": None,
                          "reason": rejected[0]["reason"], "raw": lines[456]}]
@@ -134,6 +134,79 @@ def test_broken_json_array_stops_even_with_skip_invalid(tmp_path):
         list(iter_records(str(path), "alpaca", skip_invalid=True, rejected=lambda r: None, announce=None))
 
 
+@pytest.mark.parametrize("tail", ['\n{"instruction": "问", "output": "答"}\n', '[{"instruction": "问", "output": "答"}]',
+                                  "oops"])
+def test_data_after_a_json_array_is_an_error(tmp_path, tail):
+    path = tmp_path / "a.json"
+    path.write_text('[\n{"instruction": "问", "output": "答"}\n]' + tail, encoding="utf-8")
+    for skip in (False, True):
+        with pytest.raises(DataError) as info:
+            list(iter_records(str(path), skip_invalid=skip, rejected=lambda r: None, announce=None))
+        assert info.value.path == str(path) and "data after the closing ']'" in info.value.reason
+        assert info.value.line == (4 if tail.startswith("\n") else 3)
+
+
+def test_unpaired_surrogate_is_a_rejected_row(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"instruction": "问", "output": "答"}\n{"instruction": "问\\ud800", "output": "答"}\n',
+                    encoding="utf-8")
+    with pytest.raises(DataError, match=r"line 2: the text holds an unpaired surrogate \\ud800"):
+        list(iter_records(str(path), announce=None))
+    report = convert_files(str(path), tmp_path / "o.jsonl", skip_invalid=True, announce=None)
+    assert (report.read, report.written, report.rejected) == (2, 1, 1)
+    assert read_jsonl(tmp_path / "o.rejected.jsonl")[0]["line"] == 2
+
+
+def test_deeply_nested_row_is_a_rejected_row(tmp_path):
+    path = tmp_path / "n.jsonl"
+    path.write_text('{"instruction": "问", "output": "答"}\n' + "[" * 5000 + "]" * 5000 + "\n", encoding="utf-8")
+    rejected = []
+    records = list(iter_records(str(path), "alpaca", skip_invalid=True, rejected=rejected.append, announce=None))
+    assert len(records) == 1 and [(r.line, r.reason) for r in rejected] == [(2, "malformed JSON: nested too deeply")]
+    array = tmp_path / "n.json"
+    array.write_text("[" * 5000 + "]" * 5000, encoding="utf-8")
+    with pytest.raises(DataError, match="nested too deeply"):
+        list(iter_records(str(array), "alpaca", skip_invalid=True, rejected=lambda r: None, announce=None))
+
+
+def test_txt_file_of_json_lines_is_read_as_json(tmp_path):
+    # the layout of baichuan-QLoRA-Tuning's data/msra/train.txt: JSON lines in a .txt file
+    rows = [{"instruction": "找出句子中的人名和地名", "input": f"小明{i}号住在杭州。", "output": f"小明{i}号_人名"}
+            for i in range(3)]
+    path = write_jsonl(tmp_path / "train.txt", rows)
+    messages = []
+    records = list(iter_records(str(path), announce=messages.append))
+    assert [r["source"] for r in records] == ["alpaca"] * 3
+    assert records[0]["messages"][0]["content"] == "找出句子中的人名和地名\n小明0号住在杭州。"
+    assert messages[0].startswith(f"detected format 'alpaca' for {path}")
+    plain = tmp_path / "in.txt"
+    plain.write_text("上 联\n", encoding="utf-8")
+    (tmp_path / "out.txt").write_text("下 联\n", encoding="utf-8")
+    assert len(list(iter_records([str(plain), str(tmp_path / "out.txt")], announce=None))) == 1  # still couplets
+
+
+# ----- every row accounted for --------------------------------------------------------------------------------------
+def test_every_row_is_written_rejected_or_a_duplicate(tmp_path):
+    rows = [{"question": "问一", "answers": [{"answer_text": "答一"}, {"answer_text": "答二"}]},
+            {"question": "问一", "answers": [{"answer_text": "答一"}, {"answer_text": "答二"}]},
+            {"question": "问二", "answers": [{"answer_text": "答一"}, {"answer_text": "答三"}]},
+            {"question": "问三", "answers": []}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    report = convert_files(str(path), tmp_path / "o.jsonl", "psyqa", {"answers": "all"}, skip_invalid=True,
+                           dedup=True, announce=None)
+    assert (report.read, report.written, report.rejected, report.duplicates, report.records) == (4, 2, 1, 1, 4)
+    assert report.summary() == "4 rows read = 2 written + 1 rejected + 1 duplicates (4 records)"
+    report.check()
+
+
+def test_a_broken_account_is_a_bug_not_a_data_error():
+    from zhiling.data.accounting import AccountingError, RowAccount
+
+    with pytest.raises(AccountingError, match="3 rows read but 2 accounted for"):
+        RowAccount(read=3, written=1, rejected=1).check()
+    assert not issubclass(AccountingError, DataError)
+
+
 # ----- auto-detection -----------------------------------------------------------------------------------------------
 def test_detection_message(tmp_path):
     path = write_jsonl(tmp_path / "f.jsonl", [{"kind": "Couplet", "input": "上", "target": "下"}] * 3)
@@ -158,6 +231,9 @@ def test_detection_message(tmp_path):
     ({"textbox_question": "q", "textbox_answer": "a"}, "coig"),
     ({"trans_instruction": "q", "trans_output": "a", "instruction": "q", "output": "a"}, "coig"),
     ({"round_0": {}}, "coig"),
+    ({"history": [{"input": "a", "output": "b"}], "input": "c", "output": "d"}, "vicuna_chitchat"),
+    ({"history": [], "input": "c", "output": "d"}, "vicuna_chitchat"),
+    ({"instruction": "a", "output": "b", "history": [["q", "a"]], "input": "c"}, "alpaca"),
 ])
 def test_detect_each_format(row, expected):
     assert detect_rows([row], "x").spec.name == expected
@@ -205,8 +281,8 @@ def test_dedup_counts_duplicates(tmp_path):
             {"instruction": "问", "output": "答", "system": "你是助手"}, {"instruction": "问", "input": "", "output": "答"}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     report = convert_files(str(path), tmp_path / "o.jsonl", dedup=True, announce=None)
-    assert (report.rows_read, report.records, report.duplicates) == (4, 2, 2)
-    assert "2 duplicates removed" in report.summary()
+    assert (report.read, report.written, report.records, report.duplicates) == (4, 2, 2, 2)
+    assert report.summary() == "4 rows read = 2 written + 0 rejected + 2 duplicates"
     report = convert_files(str(path), tmp_path / "o.jsonl", announce=None)
     assert (report.records, report.duplicates) == (4, 0)
 

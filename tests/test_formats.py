@@ -203,6 +203,34 @@ def test_vicuna_chat_bad_rows(tmp_path, row, field, reason):
     assert err.field == field and reason in err.reason
 
 
+# ----- vicuna_chitchat ----------------------------------------------------------------------------------------------
+def test_vicuna_chitchat_rows(tmp_path):
+    rows = [{"history": [{"input": "你好", "output": "你好呀"}, {"input": "在忙吗", "output": "不忙"}],
+             "input": "聊聊天吧", "output": "好啊"},
+            {"history": [], "input": "只问一句", "output": "只答一句"}]
+    assert convert(tmp_path, "vicuna_chitchat", rows) == [
+        chat("你好", "你好呀", "在忙吗", "不忙", "聊聊天吧", "好啊", id="vicuna_chitchat-000001",
+             source="vicuna_chitchat"),
+        chat("只问一句", "只答一句", id="vicuna_chitchat-000002", source="vicuna_chitchat"),
+    ]
+    assert convert(tmp_path, "auto", rows) == convert(tmp_path, "vicuna_chitchat", rows)
+    prompt = [{"history": [{"input": "一", "output": "二"}], "input": "三"}]
+    assert convert(tmp_path, "vicuna_chitchat", prompt, {"require_answer": "false"})[0]["messages"][-1] == {
+        "role": "user", "content": "三"}
+
+
+@pytest.mark.parametrize("row, field, reason", [
+    ({"history": [{"input": "a"}], "input": "b", "output": "c"}, "history[0].output", "missing field 'output'"),
+    ({"history": [["a", "b"]], "input": "b", "output": "c"}, "history[0]", "got array"),
+    ({"history": [{"input": "a", "output": " "}], "input": "b", "output": "c"}, "history[0].output", "is empty"),
+    ({"history": "a", "input": "b", "output": "c"}, "history", "expected an array, got string"),
+    ({"history": [], "input": "b"}, "output", "missing field 'output'"),
+])
+def test_vicuna_chitchat_bad_rows(tmp_path, row, field, reason):
+    err = convert_error(tmp_path, "vicuna_chitchat", [row])
+    assert (err.line, err.field) == (1, field) and reason in err.reason
+
+
 # ----- firefly ------------------------------------------------------------------------------------------------------
 def test_firefly_rows_keep_kind(tmp_path):
     rows = [{"kind": "Couplet", "input": "对下联：春风", "target": "秋雨"}]
@@ -380,6 +408,47 @@ def test_coig_counterfactual_archive_and_folder(tmp_path):
     folder.mkdir()
     (folder / "0001.json").write_bytes(text)
     assert list(iter_records(str(folder), "coig", announce=None)) == expected
+
+
+def tar_gz(path, members: dict[str, bytes]):
+    with tarfile.open(path, "w:gz") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_coig_archive_jsonl_member_gives_one_row_per_line(tmp_path):
+    exam = {"textbox_question": "一加一等于几？", "textbox_answer": "二"}
+    trans = {"trans_instruction": "翻译", "trans_input": "hello", "trans_output": "你好"}
+    lines = [json.dumps(exam, ensure_ascii=False), json.dumps(trans, ensure_ascii=False), "{broken"]
+    path = tar_gz(tmp_path / "coig.tar.gz", {"part/exam.jsonl": "\n".join(lines).encode("utf-8") + b"\n"})
+    rejected = []
+    records = list(iter_records(str(path), "coig", skip_invalid=True, rejected=rejected.append, announce=None))
+    assert [r["subset"] for r in records] == ["exam", "translated"]
+    assert [(item.file, item.line) for item in rejected] == [(f"{path}:part/exam.jsonl", 3)]
+
+
+def test_coig_damaged_archive_is_a_clear_error(tmp_path):
+    dialogue = json.dumps({"round_0": {"response": json.dumps({"Q": "问", "A": "答"})}}).encode()
+    whole = tar_gz(tmp_path / "whole.tar.gz", {f"{i}.json": dialogue for i in range(50)}).read_bytes()
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(whole[:len(whole) * 2 // 3])
+    with pytest.raises(DataError) as info:
+        list(iter_records(str(cut), skip_invalid=True, rejected=lambda r: None, announce=None))
+    assert info.value.path == str(cut) and "cannot read the archive" in info.value.reason
+
+
+def test_coig_dialogue_file_that_is_not_utf8_is_an_error(tmp_path):
+    folder = tmp_path / "chats"
+    folder.mkdir()
+    text = json.dumps({"round_0": {"response": json.dumps({"Q": "问题", "A": "回答"}, ensure_ascii=False)}},
+                      ensure_ascii=False, indent=2)
+    (folder / "0001.json").write_bytes(text.encode("utf-8").replace("回答".encode("utf-8"), "回答".encode("gbk")))
+    with pytest.raises(DataError) as info:
+        list(iter_records(str(folder), "coig", announce=None))
+    assert info.value.path == str(folder / "0001.json") and "not valid UTF-8" in info.value.reason
 
 
 # ----- registry of formats ------------------------------------------------------------------------------------------

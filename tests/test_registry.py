@@ -180,6 +180,11 @@ def test_max_samples_and_dedup_across_datasets(tmp_path):
     assert len(records) == 6
     capped = load_records(["a", "b"], registry_file, max_samples=2)
     assert [r["source"] for r in capped] == ["a", "a", "b", "b"]
+    # duplicates go first, then max_samples takes the first rows left; every row read is accounted for
+    report = []
+    both = load_records(["a", "b"], registry_file, max_samples=2, dedup=True, mix_report=report)
+    assert [r["messages"][0]["content"] for r in both] == ["同0", "同1", "同2", "异0"]
+    assert [(m.report.read, m.report.written, m.report.duplicates) for m in report] == [(2, 2, 0), (4, 2, 2)]
 
 
 def test_fingerprint_follows_file_content_and_settings(tmp_path):

@@ -29,6 +29,7 @@ def _convert(args) -> int:
                            skip_invalid=args.skip_invalid, dedup=args.dedup, shards=args.shards, seed=args.seed,
                            source=args.source, max_samples=args.max_samples, hf_split=args.split,
                            progress=False if args.no_progress else None)
+    report.check()
     print(report.summary(), file=sys.stderr)
     for path, count in zip(report.outputs, report.shard_counts):
         print(f"wrote {count} records to {path}", file=sys.stderr)
@@ -96,13 +97,15 @@ def register(group) -> None:
     parser = add_command(
         group, "convert", help="convert raw instruction data to canonical jsonl", func=_convert,
         description="""
-        Convert raw instruction data (alpaca, BELLE, instruct/query/answer, ShareGPT, Chinese-Vicuna chat,
-        Firefly, PsyQA, couplets, Baize, COIG, OpenAI messages, or hf:NAME datasets) into canonical jsonl:
+        Convert raw instruction data (alpaca, BELLE, instruct/query/answer, ShareGPT, Chinese-Vicuna chat and
+        chit-chat, Firefly, PsyQA, couplets, Baize, COIG, OpenAI messages, or hf:NAME datasets) into canonical jsonl:
         {"id", "system", "messages": [{"role", "content"}...], "source"}.
 
-        Without --format the format is detected from the first rows (and printed with the reason).
+        Without --format the format is detected from the content: the layout of each file (a JSON array or
+        JSON lines, whatever its extension) and the keys of its first rows (printed with the reason).
         The first bad row stops the conversion with its file, line, field and reason; with --skip-invalid
-        bad rows go to OUT.rejected.jsonl instead and are counted. Nothing is dropped without a trace.
+        bad rows go to OUT.rejected.jsonl instead and are counted. Nothing is dropped without a trace: the
+        summary accounts for every row ("N rows read = W written + R rejected + D duplicates").
         Output files appear only when the conversion finished.""",
         examples="""
         zhiling data convert alpaca_gpt4_data_zh.json -o data/alpaca_zh.jsonl
@@ -119,7 +122,8 @@ def register(group) -> None:
         zhiling data convert hf:BelleGroup/train_0.5M_CN -o data/belle.jsonl --max-samples 10000
         """)
     parser.add_argument("inputs", metavar="IN", nargs="+",
-                        help="input files (json / jsonl), folders (couplets, COIG chats), or hf:NAME[:SPLIT]")
+                        help="input files (a JSON array or JSON lines: .json, .jsonl, .txt), couplet .txt files, "
+                             "folders (couplets, COIG chats), COIG .tar.gz archives, or hf:NAME[:SPLIT]")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.jsonl", help="output file")
     parser.add_argument("--format", default="auto", help="input format (see `zhiling data formats`); default: detect")
     parser.add_argument("--option", action="append", metavar="KEY=VALUE", help="a format option (repeatable)")

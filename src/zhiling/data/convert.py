@@ -3,7 +3,8 @@
 ``iter_records`` streams records (constant memory for jsonl input; a set of 16-byte digests with ``dedup``).
 It is strict by default: the first bad row raises ``DataError`` with file, line, field and reason. With
 ``skip_invalid`` every bad row goes to the ``rejected`` callback instead (and is counted); nothing is dropped
-without a trace. ``convert_files`` writes OUT.jsonl (or N stratified shards) and OUT.rejected.jsonl.
+without a trace: every row read is written, rejected or counted as a duplicate, and the report checks it
+(``zhiling.data.accounting``). ``convert_files`` writes OUT.jsonl (or N stratified shards) and OUT.rejected.jsonl.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from zhiling.data.accounting import RowAccount
 from zhiling.data.formats import FormatSpec, OptionError, all_formats, get_format, option_bool, read_json_files
 from zhiling.data.formats.hf import is_hf, read_hf
 from zhiling.data.reader import RawRow
@@ -45,11 +47,10 @@ class Rejected:
 
 
 @dataclass
-class ConvertReport:
-    rows_read: int = 0  # raw rows read, bad ones included
-    records: int = 0  # canonical records produced (PsyQA answers=all gives several per row)
-    rejected: int = 0
-    duplicates: int = 0
+class ConvertReport(RowAccount):
+    """The row account (read = written + rejected + duplicates, in rows) and what was written where."""
+
+    records: int = 0  # canonical records written (PsyQA answers=all gives several per row)
     formats: dict[str, str] = field(default_factory=dict)  # input -> format used
     outputs: list[str] = field(default_factory=list)
     shard_counts: list[int] = field(default_factory=list)
@@ -57,10 +58,9 @@ class ConvertReport:
     kinds: Counter = field(default_factory=Counter)  # records per 'kind' (firefly) where rows have one
 
     def summary(self) -> str:
-        text = f"{self.rows_read} rows read, {self.records} records written"
-        text += f", {self.rejected} rejected" if self.rejected or self.rejected_path else ""
-        text += f", {self.duplicates} duplicates removed" if self.duplicates else ""
-        return text
+        """``1000 rows read = 997 written + 2 rejected + 1 duplicates``, and the records when they differ."""
+        text = self.equation()
+        return text + (f" ({self.records} records)" if self.records != self.written else "")
 
 
 def _stderr(message: str) -> None:
@@ -232,13 +232,18 @@ def iter_records(inputs: str | Iterable[str], format: str = "auto", options: dic
                  rejected: Callable[[Rejected], Any] | None = None, dedup: bool = False,
                  max_samples: int | None = None, report: ConvertReport | None = None,
                  announce: Callable[[str], Any] | None = _stderr, progress: bool | None = None,
-                 hf_split: str | None = None, hf_config: str | None = None) -> Iterator[dict]:
+                 hf_split: str | None = None, hf_config: str | None = None,
+                 seen: set[bytes] | None = None) -> Iterator[dict]:
     """Canonical records from raw inputs (file paths, folders for couplets / COIG, or ``hf:NAME[:SPLIT]``).
 
     Records get ``id`` = ``"{source}-{n:06d}"`` (n counts the records of this call from 1) unless the row has its
     own id, and ``source`` = ``source`` (forced), else the row's own, else ``default_source``, else the format
-    name. ``report`` (if given) is filled in as records stream. ``announce`` receives the auto-detection messages
-    and, with ``skip_invalid`` but no ``rejected`` callback, one line per skipped row (None: silent).
+    name. ``report`` (if given) is filled in as records stream: every row read is counted as written (at least one
+    of its records was given out), rejected, or a duplicate (all of its records were), and the account is checked
+    when the stream ends. ``dedup`` drops records seen before; ``seen`` (a set of digests, implies ``dedup``)
+    carries them across calls. ``max_samples`` counts the records given out, after dedup. ``announce`` receives
+    the auto-detection messages and, with ``skip_invalid`` but no ``rejected`` callback, one line per skipped row
+    (None: silent).
     """
     inputs = _as_list(inputs)
     if not inputs:
@@ -247,7 +252,8 @@ def iter_records(inputs: str | Iterable[str], format: str = "auto", options: dic
     report = report if report is not None else ConvertReport()
     if format != "auto":
         options = get_format(format).check_options(options)
-    seen: set[bytes] = set()
+    dedup = dedup or seen is not None
+    seen = seen if seen is not None else set()
     count = 0
     with _Progress(inputs, progress) as bar:
         for group in _groups(inputs, format, options or {}, hf_split, hf_config):
@@ -257,13 +263,15 @@ def iter_records(inputs: str | Iterable[str], format: str = "auto", options: dic
                 announce(f"detected format '{group.spec.name}' for {group.label}: {group.detection}")
             require_answer = option_bool(group_options, "require_answer") if "require_answer" in group_options else True
             for row in group.rows:
-                report.rows_read += 1
+                report.read += 1
                 bar.advance(getattr(row, "raw", None))
                 try:
                     if isinstance(row, DataError):
                         raise row
                     produced = [validate_record(record, require_answer=require_answer)
                                 for record in group.spec.convert(row.value, group_options)]
+                    if not produced:
+                        raise DataError("the row gives no records")
                 except OptionError:
                     raise
                 except DataError as err:
@@ -279,13 +287,16 @@ def iter_records(inputs: str | Iterable[str], format: str = "auto", options: dic
                     elif announce is not None:
                         announce(f"skipped invalid row: {located}")
                     continue
+                row_written = False
                 for record in produced:
                     if dedup:
                         digest = record_digest(record)
                         if digest in seen:
-                            report.duplicates += 1
                             continue
                         seen.add(digest)
+                    if not row_written:
+                        report.written += 1
+                        row_written = True
                     count += 1
                     record_source = source or record.get("source") or default_source or group.spec.name
                     own_id = record.get("id")
@@ -296,7 +307,11 @@ def iter_records(inputs: str | Iterable[str], format: str = "auto", options: dic
                         report.kinds[str(record["kind"])] += 1
                     yield _ordered(record)
                     if max_samples is not None and count >= max_samples:
+                        report.check()
                         return
+                if not row_written:
+                    report.duplicates += 1
+    report.check()
 
 
 # ----- writing ------------------------------------------------------------------------------------------------------
@@ -381,6 +396,7 @@ def convert_files(inputs: str | Iterable[str], output: str | Path, format: str =
             handle.close()
         if rejected_handle is not None:
             rejected_handle.close()
+        report.check()
     except BaseException:
         for handle in handles:
             handle.close()

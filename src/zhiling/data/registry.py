@@ -5,10 +5,10 @@ A registry is a YAML mapping ``name -> entry``; the built-in one is ``resources/
 (config key ``data.registry``) is merged over it (a user entry replaces a built-in entry of the same name).
 Relative paths in an entry resolve against the folder of the registry file that defines it.
 
-Mixing (``load_records``): each dataset gives its rows (the first ``max_samples`` when set), then its ``weight``
-decides how many rows it contributes: ``round(rows x weight)`` (halves round up). A weight below 1 takes a seeded
-random sample of the rows without repeats; a weight above 1 repeats every row ``floor(weight)`` times and adds a seeded
-sample for the fractional part. Repeated copies get ``-repN`` appended to their id. Rows keep their file order within
+Mixing (``load_records``): each dataset gives its rows (with ``dedup``, rows repeating one given before are removed
+first; then the first ``max_samples`` when set), then its ``weight`` decides how many rows it contributes:
+``round(rows x weight)`` (halves round up). A weight below 1 takes a seeded random sample of the rows without repeats;
+a weight above 1 repeats every row ``floor(weight)`` times and adds a seeded sample for the fractional part. Repeated copies get ``-repN`` appended to their id. Rows keep their file order within
 a dataset and datasets follow in the order given; the trainer shuffles. The sample depends only on the seed and the
 dataset's name, so adding a dataset to the mix does not change what another contributes.
 """
@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from zhiling.config.loader import read_yaml
-from zhiling.data.convert import ConvertReport, Rejected, iter_records, record_digest
+from zhiling.data.convert import ConvertReport, Rejected, iter_records
 from zhiling.data.formats import get_format
 from zhiling.data.formats.hf import PREFIX as HF_PREFIX, is_hf, parse_hf
 from zhiling.errors import ConfigError, DataError
@@ -258,7 +258,8 @@ def iter_mixed_records(names: Iterable[str], registry_path: str | Path | None = 
 
     A dataset with weight 1 streams row by row (constant memory); one with another weight is held in memory to be
     sampled. ``max_samples`` caps every dataset (the smaller of it and the entry's own). ``dedup`` removes exact
-    duplicates (same system + messages) across all datasets before weighting. ``mix_report`` (a list) receives one
+    duplicates (same system + messages) across all datasets before ``max_samples`` and weighting (each row read is
+    then written, rejected or a duplicate in the dataset's report). ``mix_report`` (a list) receives one
     ``MixEntry`` per dataset once that dataset has been read.
     """
     announce = announce if announce is not None else (lambda message: print(message, file=sys.stderr))
@@ -269,10 +270,9 @@ def iter_mixed_records(names: Iterable[str], registry_path: str | Path | None = 
         stream = iter_records(
             dataset.inputs, dataset.format, dataset.options, skip_invalid=skip_invalid, source=dataset.source,
             default_source=dataset.name, rejected=rejected, max_samples=min(caps) if caps else None,
-            report=report, announce=announce, hf_split=dataset.split, hf_config=dataset.hf_config)
+            report=report, announce=announce, hf_split=dataset.split, hf_config=dataset.hf_config,
+            seen=seen if dedup else None)
         stream = _located(stream, dataset)
-        if dedup:
-            stream = _unique(stream, seen, report)
         if dataset.weight == 1:
             count = 0
             for record in stream:
@@ -299,12 +299,3 @@ def _located(stream: Iterator[dict], dataset: ResolvedDataset) -> Iterator[dict]
         where = f" from {dataset.registry}" if dataset.registry else ""
         raise DataError(f"{err.reason} [dataset '{dataset.name}'{where}]", err.path, err.line, err.field) from None
 
-
-def _unique(stream: Iterator[dict], seen: set[bytes], report: ConvertReport) -> Iterator[dict]:
-    for record in stream:
-        digest = record_digest(record)
-        if digest in seen:
-            report.duplicates += 1
-            continue
-        seen.add(digest)
-        yield record

@@ -6,8 +6,8 @@ raises ``DataError`` naming the field on a bad row; the caller adds the file and
 
 Auto-detection looks at the first rows of a file and picks the first format, in ``FORMAT_MODULES`` order, whose
 ``detect`` recognises at least one of them and that can read all of them (``detect`` or ``accepts``: a COIG file may
-mix exam rows with plain instruction/output rows); formats that read whole files (couplets) detect from the file
-names instead.
+mix exam rows with plain instruction/output rows); formats that read whole files (couplets, COIG archives) detect from the files
+instead (their names and, for ``.txt`` files, their content).
 """
 
 from __future__ import annotations
@@ -132,6 +132,7 @@ FORMAT_MODULES = [
     "zhiling.data.formats.psyqa",
     "zhiling.data.formats.firefly",
     "zhiling.data.formats.vicuna_chat",
+    "zhiling.data.formats.vicuna_chitchat",
     "zhiling.data.formats.baize",
     "zhiling.data.formats.sharegpt",
     "zhiling.data.formats.canonical",

@@ -11,7 +11,8 @@
 - counterfactural_correction_multi_round_chat.tar.gz: one JSON file per dialogue with ``round_0``, ``round_1``, ...
   each holding ``{"response": "{\\"Q\\": ..., \\"A\\": ...}"}`` (the response is itself JSON, sometimes inside a
   ```json fence). Q is the user's turn, A the assistant's. The archive can be given as it is, unpacked as a folder, or
-  as a jsonl file with one dialogue per line.
+  as a jsonl file with one dialogue per line. Every file and archive member is read by its content: one dialogue
+  object (pretty-printed or not), a JSON array, or JSON lines (one row per line, each with its own line number).
 
 Every record keeps ``subset`` (translated, exam, instructions, counterfactual).
 """
@@ -21,89 +22,65 @@ from __future__ import annotations
 import json
 import re
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Iterator
 
 from zhiling.data.formats import FormatSpec, option_choice, register
 from zhiling.data.formats.alpaca import join_instruction
-from zhiling.data.reader import RawRow, check_file, iter_json_rows
+from zhiling.data.reader import RawRow, check_file, iter_json_document, iter_json_rows
 from zhiling.data.records import get_str, make_record, pairs_to_messages, type_name
 from zhiling.errors import DataError
 
 _ROUND = re.compile(r"^round_(\d+)$")
 _FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.IGNORECASE)
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
-_SINGLE_OBJECT_LIMIT = 16 * 1024 * 1024  # .json files up to this size may hold one pretty-printed object
+JSON_SUFFIXES = (".json", ".jsonl")
 
 
 def _is_archive(path: Path) -> bool:
     return path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-# ----- reading: archives, folders, single-object JSON files, json / jsonl -----------------------------------------
-def _document_row(path: str, text: str) -> RawRow | DataError:
-    try:
-        return RawRow(path, 1, json.loads(text), text)
-    except json.JSONDecodeError as exc:
-        err = DataError(f"malformed JSON: {exc.msg}", path, exc.lineno)
-        err.raw = text
-        return err
-
-
-def _read_archive(path: Path) -> Iterator[RawRow | DataError]:
+# ----- reading: archives, folders, json / jsonl files (each read by the shared reader, whatever its layout) --------
+def _members(path: Path) -> Iterator[tuple[str, bytes]]:
+    """(``ARCHIVE:MEMBER``, bytes) of the .json / .jsonl members of a tar archive."""
+    count = 0
     try:
         with tarfile.open(path, "r:*") as archive:
-            count = 0
             for member in archive:
-                if not member.isfile() or not member.name.lower().endswith((".json", ".jsonl")):
+                if not member.isfile() or not member.name.lower().endswith(JSON_SUFFIXES):
                     continue
-                name = f"{path}:{member.name}"
-                data = archive.extractfile(member).read()
-                try:
-                    text = data.decode("utf-8").lstrip("\ufeff")
-                except UnicodeDecodeError as exc:
-                    err = DataError(f"not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})", name)
-                    err.raw = data.decode("utf-8", errors="replace")
-                    yield err
-                    continue
+                handle = archive.extractfile(member)
+                data = handle.read() if handle is not None else b""
+                name = member.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
                 count += 1
-                yield _document_row(name, text)
-    except tarfile.TarError as exc:
+                yield f"{path}:{name}", data
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:  # a damaged or cut-off archive
         raise DataError(f"cannot read the archive: {exc}", str(path)) from None
     if count == 0:
-        raise DataError("the archive holds no .json files", str(path))
+        raise DataError("the archive holds no .json / .jsonl files", str(path))
 
 
-def _read_file(path: Path) -> Iterator[RawRow | DataError]:
-    """A .json file holding one (possibly pretty-printed) dialogue object, or any json / jsonl rows file."""
-    check_file(path)
-    if path.suffix.lower() == ".json" and path.stat().st_size <= _SINGLE_OBJECT_LIMIT:
-        text = path.read_bytes().decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
-        if text.startswith("{"):
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError:
-                value = None  # several objects: JSON lines, read below
-            if isinstance(value, dict):
-                yield RawRow(str(path), 1, value, text)
-                return
-    yield from iter_json_rows(path)
+def _json_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in JSON_SUFFIXES)
 
 
 def read_coig(paths: list[str], options: dict) -> Iterator[RawRow | DataError]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".json", ".jsonl"))
+            files = _json_files(path)
             if not files:
                 raise DataError("the folder holds no .json / .jsonl files", str(path))
             for file in files:
-                yield from _read_file(file)
+                yield from iter_json_rows(file)
         elif _is_archive(path):
             check_file(path)
-            yield from _read_archive(path)
+            for name, data in _members(path):
+                yield from iter_json_document(data, name)
         else:
-            yield from _read_file(path)
+            yield from iter_json_rows(path)
 
 
 # ----- converting ---------------------------------------------------------------------------------------------------
@@ -178,12 +155,11 @@ def _detect(row) -> bool:
 
 def _folder_looks_like_coig(folder: Path) -> bool:
     """A folder whose first .json / .jsonl file starts with a COIG row (an unpacked counterfactual archive)."""
-    first = next(iter(sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in (".json", ".jsonl"))),
-                 None)
+    first = next(iter(_json_files(folder)), None)
     if first is None:
         return False
     try:
-        row = next(iter(_read_file(first)), None)
+        row = next(iter_json_rows(first), None)
     except DataError:
         return False
     return isinstance(row, RawRow) and _detect(row.value)

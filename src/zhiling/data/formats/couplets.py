@@ -5,7 +5,9 @@ asks for the 下联 of the 上联 (``prompt`` option, ``{first}`` stands for the
 
 Inputs: a folder holding ``in.txt`` and ``out.txt``, or the two files themselves (in.txt first). Several folders or
 pairs may be given. Trailing blank lines at the end of a file are ignored; line counts that still differ are an error
-naming both files.
+naming both files. Auto-detection takes ``.txt`` files for couplets only when their content is plain text: a ``.txt``
+file of JSON rows (one object per line, like baichuan-QLoRA-Tuning's ``data/msra/train.txt``) is read as JSON, and
+the format of its rows is detected.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from zhiling.data.formats import FormatSpec, OptionError, register
-from zhiling.data.reader import RawRow, check_file
+from zhiling.data.reader import RawRow, check_file, looks_like_json
 from zhiling.data.records import get_str, make_record, pairs_to_messages
 from zhiling.errors import DataError
 
@@ -110,11 +112,16 @@ def _convert(row, options: dict) -> list[dict]:
     return [make_record(pairs_to_messages([(template.replace("{first}", upper), lower)]))]
 
 
+def _plain_text(path: Path) -> bool:
+    """A ``.txt`` file of text lines; a missing one counts (reading it names it), one of JSON rows does not."""
+    return path.suffix.lower() == ".txt" and not (path.is_file() and looks_like_json(path))
+
+
 def _detect_files(paths: list[str]) -> bool:
     def looks_like(path: Path) -> bool:
         if path.is_dir():
-            return (path / "in.txt").is_file() and (path / "out.txt").is_file()
-        return path.suffix.lower() == ".txt"
+            return (path / "in.txt").is_file() and (path / "out.txt").is_file() and _plain_text(path / "in.txt")
+        return _plain_text(path)
 
     return bool(paths) and all(looks_like(Path(p)) for p in paths)
 
