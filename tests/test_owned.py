@@ -73,6 +73,16 @@ def test_overwrite_replaces_only_the_runs_entries(tmp_path):
     assert (folder / "data" / "train.jsonl").read_text() == "{}\n"
 
 
+def test_a_link_among_a_runs_entries_is_refused_before_anything_is_deleted(tmp_path):
+    folder = zhiling_run(tmp_path / "out")
+    elsewhere = users_folder(tmp_path / "elsewhere")
+    (folder / "runs").symlink_to(elsewhere / "runs")  # the user's TensorBoard logs, linked in
+    before, elsewhere_before = snapshot(folder), snapshot(elsewhere)
+    with pytest.raises(NotOwnedError, match=r"output.dir entry .*runs is a link"):
+        claim_output_dir(folder, {"model": "other", "method": "lora"}, overwrite=True, resume=True)
+    assert snapshot(folder) == before and snapshot(elsewhere) == elsewhere_before
+
+
 def test_a_zhiling_json_that_is_no_run_record_protects_the_folder(tmp_path):
     folder = users_folder(tmp_path / "project")
     (folder / "zhiling.json").write_text('{"project": "我的项目"}')

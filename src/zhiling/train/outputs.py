@@ -81,25 +81,30 @@ def _stage_names(folder: Path, record: dict) -> list[str]:
     return names
 
 
+def _run_paths(folder: Path, stage_names: list[str] = ()) -> list[Path]:
+    """What clearing the run in ``folder`` deletes, in order, every path checked (nothing is deleted here): the runs
+    inside the stage folders, then the run layout's entries, each folder's run record last (it is what marks the
+    rest as zhiling's)."""
+    paths = []
+    for stage_dir in (folder / name for name in stage_names):
+        check_replaceable(stage_dir, _STAGE_DIR, what="stage folder", flag="output.overwrite")
+        if (stage_dir / RUN_FILE).is_file():
+            paths += _run_paths(stage_dir)
+    entries = [folder / name for name in RUN_ENTRIES if name != RUN_FILE] + [folder / RUN_FILE]
+    for path in entries:
+        check_replaceable(path, _RUN_ENTRY, what="output.dir entry", flag="output.overwrite")
+    return paths + entries
+
+
 def clear_run(folder: Path, stage_names: list[str] = ()) -> None:
     """Remove what a run wrote (and nothing else) from ``folder``, which holds its run record: the run layout's
     entries, and for each stage of a staged run the run inside OUTPUT/STAGE (that folder too once it is empty).
     Everything is checked before anything is deleted."""
-    entries = [folder / name for name in RUN_ENTRIES if name != RUN_FILE]
-    stage_dirs = [folder / name for name in stage_names]
-    for path in entries:
-        check_replaceable(path, _RUN_ENTRY, what="output.dir entry", flag="output.overwrite")
-    for stage_dir in stage_dirs:
-        check_replaceable(stage_dir, _STAGE_DIR, what="stage folder", flag="output.overwrite")
-    for stage_dir in stage_dirs:
-        if (stage_dir / RUN_FILE).is_file():
-            clear_run(stage_dir)
-        if stage_dir.is_dir() and not any(stage_dir.iterdir()):
-            stage_dir.rmdir()
-    for path in entries:
+    for path in _run_paths(folder, stage_names):
         remove_owned(path, _RUN_ENTRY, what="output.dir entry", flag="output.overwrite")
-    # last: the record is what marks the rest as zhiling's
-    remove_owned(folder / RUN_FILE, _RUN_ENTRY, what="output.dir entry", flag="output.overwrite")
+    for stage_dir in (folder / name for name in stage_names):
+        if stage_dir.is_dir() and not stage_dir.is_symlink() and not any(stage_dir.iterdir()):
+            stage_dir.rmdir()
 
 
 def _in_the_way(folder: Path) -> list[str]:
