@@ -291,10 +291,10 @@ def test_export_argument_errors(tmp_path, tiny_model_dir):
     with pytest.raises(ZhilingError, match="is a folder"):
         export_gguf(cfg, tmp_path / "dir.gguf")
     (tmp_path / "old.gguf").write_bytes(b"x")
-    with pytest.raises(ZhilingError, match="exists; choose another name or pass --overwrite"):
+    with pytest.raises(ZhilingError, match="old.gguf exists and was not written by zhiling"):
         export_gguf(cfg, tmp_path / "old.gguf")
     (tmp_path / "Modelfile").write_text("FROM x")
-    with pytest.raises(ZhilingError, match="Modelfile exists"):
+    with pytest.raises(ZhilingError, match="Modelfile exists and was not written by zhiling"):
         export_gguf(cfg, tmp_path / "new.gguf", ollama=True)
     with pytest.raises(ZhilingError, match="adapter: folder not found"):
         export_gguf(cfg, tmp_path / "new.gguf", adapter=tmp_path / "nope")

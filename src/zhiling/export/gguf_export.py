@@ -29,10 +29,11 @@ from zhiling.data.templates import Template, resolve_template
 from zhiling.errors import ZhilingError
 from zhiling.export.converter import Converter, convert_to_gguf, find_converter
 from zhiling.export.gguf_meta import TEMPLATE_KEY, embed_template, embedded_template, read_metadata
-from zhiling.export.merge import check_adapter_dir, stored_dtype, write_model_folder
-from zhiling.export.modelfile import write_modelfile
+from zhiling.export.merge import check_adapter_dir, model_inputs, stored_dtype, write_model_folder
+from zhiling.export.modelfile import MODELFILE_HEADER, write_modelfile
 from zhiling.export.spm_vocab import GgufVocab, added_tokens_from_gguf, read_gguf_vocab, write_spm
 from zhiling.models.loader import ModelSource, load_tokenizer, model_type_of, resolve_source
+from zhiling.owned import Mark, check_replaceable
 
 console = Console(stderr=True)
 
@@ -48,15 +49,34 @@ class ExportResult:
     modelfile: Path | None = None
 
 
-def check_gguf_output(out_file: str | Path, overwrite: bool) -> Path:
+def _exported_by_zhiling(path: Path) -> bool:
+    try:
+        return path.is_file() and read_metadata(path, (TEMPLATE_KEY,))[TEMPLATE_KEY] is not None
+    except ZhilingError:  # not a GGUF file at all
+        return False
+
+
+def _written_modelfile(path: Path) -> bool:
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return handle.readline().startswith(MODELFILE_HEADER)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+EXPORTED_GGUF = Mark(_exported_by_zhiling, f"no {TEMPLATE_KEY} key in its metadata")
+WRITTEN_MODELFILE = Mark(_written_modelfile, f"its first line is not '{MODELFILE_HEADER}'")
+
+
+def check_gguf_output(out_file: str | Path, overwrite: bool, inputs: dict | None = None) -> Path:
+    """Refuse a name without .gguf, a folder, an input, a file zhiling did not export (``NotOwnedError``), and one it
+    did export unless ``overwrite``."""
     out = Path(out_file).expanduser()
     if out.suffix != ".gguf":
         raise ZhilingError(f"output: {out} should end in .gguf")
     if out.is_dir():
         raise ZhilingError(f"output: {out} is a folder; give a .gguf file name")
-    if out.exists() and not overwrite:
-        raise ZhilingError(f"output: {out} exists; choose another name or pass --overwrite")
-    return out
+    return check_replaceable(out, EXPORTED_GGUF, inputs=inputs, what="output:", overwrite=overwrite)
 
 
 def source_gguf_file(cfg: ModelConfig, source: ModelSource) -> Path | None:
@@ -170,10 +190,11 @@ def export_gguf(model_cfg: ModelConfig, out_file: str | Path, *, adapter: str | 
                 ollama: bool = False, converter: str | None = None, overwrite: bool = False) -> ExportResult:
     if quant not in GGUF_QUANTS:
         raise ZhilingError(f"quant: '{quant}' is not one of {', '.join(GGUF_QUANTS)}")
-    out = check_gguf_output(out_file, overwrite)
+    inputs = model_inputs(model_cfg, adapter)
+    out = check_gguf_output(out_file, overwrite, inputs)
     modelfile = out.parent / "Modelfile"
-    if ollama and modelfile.exists() and not overwrite:
-        raise ZhilingError(f"output: {modelfile} exists; pass --overwrite to replace it")
+    if ollama:
+        check_replaceable(modelfile, WRITTEN_MODELFILE, inputs=inputs, what="output:", overwrite=overwrite)
     adapter_dir = check_adapter_dir(adapter) if adapter is not None else None
     if quant == "q4_k_m":
         from zhiling.export.quantize import require_llama_cpp
@@ -183,6 +204,8 @@ def export_gguf(model_cfg: ModelConfig, out_file: str | Path, *, adapter: str | 
     console.print(f"GGUF converter: {tool.origin}")
 
     source = resolve_source(model_cfg)
+    inputs = model_inputs(model_cfg, adapter_dir, source)
+    check_gguf_output(out, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".zhiling-export-") as work_name:
         work = Path(work_name)
@@ -219,9 +242,11 @@ def export_gguf(model_cfg: ModelConfig, out_file: str | Path, *, adapter: str | 
         verify_export(partial, chosen, add_bos)
         if spm_source is not None:
             check_vocabulary(partial, spm_source)
+        check_gguf_output(out, overwrite, inputs)  # again: the export took a while
         os.replace(partial, out)
     written = None
     if ollama:
+        check_replaceable(modelfile, WRITTEN_MODELFILE, inputs=inputs, what="output:", overwrite=overwrite)
         written = write_modelfile(out.parent, out.name, chosen, tokenizer, system=None)
     return ExportResult(out, quant, getattr(chosen, "name", "?"), written)
 

@@ -25,6 +25,7 @@ from zhiling.config import ModelConfig
 from zhiling.data.templates import resolve_template, save_template_record
 from zhiling.errors import ZhilingError
 from zhiling.models.loader import ModelSource, load_model, load_tokenizer, model_type_of, resolve_source
+from zhiling.owned import check_replaceable, record_file, remove_owned
 
 console = Console(stderr=True)
 
@@ -41,14 +42,24 @@ class MergeResult:
     dtype: str
 
 
-def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Refuse to write into an existing non-empty folder unless ``overwrite``; refuse a file in the way."""
+MERGED_FOLDER = record_file(MERGE_RECORD)  # a folder merge / export --format hf wrote
+
+
+def model_inputs(model_cfg: ModelConfig, adapter: str | Path | None, source: ModelSource | None = None) -> dict:
+    """The paths a merge or export reads (an output may not be, hold or lie inside one)."""
+    inputs = {"the base model": model_cfg.name_or_path, "the adapter": adapter}
+    if source is not None and source.kind != "hub":
+        inputs["the base model's folder"] = source.path
+    return inputs
+
+
+def check_output_dir(out_dir: str | Path, overwrite: bool = False, inputs: dict | None = None) -> Path:
+    """Refuse a file in the way, an output that is or holds an input, a non-empty folder that merge / export did not
+    write (``NotOwnedError``), and one it did write unless ``overwrite``."""
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise ZhilingError(f"output: {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ZhilingError(f"output: folder {out} is not empty; choose a new folder or pass --overwrite")
-    return out
+    return check_replaceable(out, MERGED_FOLDER, inputs=inputs, what="output: folder", overwrite=overwrite)
 
 
 def check_adapter_dir(adapter: str | Path) -> Path:
@@ -113,9 +124,11 @@ def write_model_folder(model_cfg: ModelConfig, out_dir: str | Path, *, adapter: 
     if dtype not in OUTPUT_DTYPES:
         raise ZhilingError(f"dtype: '{dtype}' is not one of {', '.join(OUTPUT_DTYPES)}")
     shard_bytes = parse_size(shard_size)
-    out = check_output_dir(out_dir, overwrite)
+    out = check_output_dir(out_dir, overwrite, model_inputs(model_cfg, adapter))
     adapter_dir = check_adapter_dir(adapter) if adapter is not None else None
     source = resolve_source(model_cfg)
+    inputs = model_inputs(model_cfg, adapter_dir, source)
+    check_output_dir(out, overwrite, inputs)
     target = stored_dtype(source, model_cfg.trust_remote_code) if dtype == "auto" else dtype
 
     tokenizer = _adapter_tokenizer(adapter_dir, model_cfg, source)
@@ -156,8 +169,7 @@ def write_model_folder(model_cfg: ModelConfig, out_dir: str | Path, *, adapter: 
                   "dtype": target, "template": getattr(chosen, "name", None), "template_origin": origin,
                   "stop_token_ids": stop_ids}
         (tmp / MERGE_RECORD).write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
+    remove_owned(out, MERGED_FOLDER, inputs=inputs, what="output: folder")
     tmp.rename(out)
     return MergeResult(out, chosen, origin, target)
 

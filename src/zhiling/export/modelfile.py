@@ -23,6 +23,7 @@ from pathlib import Path
 from zhiling.data.templates import Template
 from zhiling.errors import ZhilingError
 
+MODELFILE_HEADER = "# Written by zhiling export."  # the first line; --overwrite replaces only such a Modelfile
 MAX_ROUNDS = 128  # rounds numbered by the ``{index}`` lookup; later rounds repeat the last number
 
 
@@ -134,7 +135,7 @@ def _quote(value: str) -> str:
 def modelfile_text(gguf_name: str, template, tokenizer, *, system: str | None = None) -> str:
     """The Modelfile for ``gguf_name`` (a path relative to the Modelfile): FROM, TEMPLATE, SYSTEM, stop words."""
     eos_text = tokenizer.eos_token or ""
-    lines = ["# Written by zhiling export. Create the model with:  ollama create NAME -f Modelfile",
+    lines = [f"{MODELFILE_HEADER} Create the model with:  ollama create NAME -f Modelfile",
              f"FROM ./{gguf_name}"]
     if isinstance(template, Template):
         lines.append(f'TEMPLATE """{go_template(template, eos_text)}"""')

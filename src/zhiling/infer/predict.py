@@ -30,6 +30,7 @@ from zhiling.data.reader import check_file, iter_json_rows, iter_text_lines
 from zhiling.data.records import turns, type_name
 from zhiling.errors import DataError, ZhilingError
 from zhiling.infer.engine import ChatRequest, Engine
+from zhiling.owned import Mark, remove_owned
 
 META_SUFFIX = ".meta.json"  # the side file zhiling.eval.predictions reads
 _RECORD_KEYS = ("id", "system", "messages")
@@ -52,6 +53,10 @@ class PredictItem:
 
 def meta_path(output: str | Path) -> Path:
     return Path(str(output) + META_SUFFIX)
+
+
+# predictions zhiling wrote have their side file beside them; --overwrite removes no other file
+PREDICTIONS_FILE = Mark(lambda path: meta_path(path).is_file(), f"no {META_SUFFIX} side file beside it")
 
 
 # ----- reading inputs --------------------------------------------------------------------------------------------
@@ -200,10 +205,9 @@ def prepare_output(output: Path, identity: dict, overwrite: bool) -> set[str]:
         raise ZhilingError(f"--output {output} is a folder; give a file name such as {output / 'predictions.jsonl'}")
     if not output.parent.exists():
         raise ZhilingError(f"--output {output}: folder {output.parent} does not exist")
-    if overwrite:
-        for path in (output, side):
-            if path.exists():
-                path.unlink()
+    if overwrite and output.exists() and output.stat().st_size > 0:
+        remove_owned(output, PREDICTIONS_FILE, what="--output")
+        side.unlink(missing_ok=True)
     if output.exists() and output.stat().st_size > 0:
         if not side.is_file():
             raise ZhilingError(f"{output} exists but {side.name} does not, so it cannot be resumed safely; "

@@ -15,10 +15,12 @@ from pathlib import Path
 from rich.console import Console
 
 from zhiling.errors import ZhilingError
+from zhiling.owned import check_replaceable, record_file, remove_owned
 from zhiling.paths import cache_root
 
 DEFAULT_MODEL_NAME = "gemma-3-270m"
 _DONE_MARKER = "zhiling-converted.txt"
+CONVERTED_FOLDER = record_file(_DONE_MARKER)
 
 console = Console(stderr=True)
 
@@ -47,6 +49,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     if not gguf_path.is_file():
         raise ZhilingError(f"GGUF file not found: {gguf_path}")
+    if not is_converted(out_dir):
+        check_replaceable(out_dir, CONVERTED_FOLDER, what="converted model folder", flag=None)  # absent or empty only
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -68,8 +72,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     (tmp / _DONE_MARKER).write_text(f"converted from {gguf_path}\n", encoding="utf-8")
-    if out_dir.exists() and not is_converted(out_dir):
-        shutil.rmtree(out_dir)  # a half-written folder from a killed run
+    if not is_converted(out_dir):  # an empty folder is replaced; one holding anything else is not zhiling's
+        remove_owned(out_dir, CONVERTED_FOLDER, what="converted model folder", flag=None)
     try:
         tmp.rename(out_dir)
     except OSError:

@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from zhiling.config.output import RUN_ENTRIES, RUN_FILE
+from zhiling.config.training import stage_name_problem
 from zhiling.data.templates import save_template_record
 from zhiling.errors import ZhilingError
-
-RUN_FILE = "zhiling.json"
-RUN_ENTRIES = ("adapter", "model", "checkpoints", "metrics.jsonl", "loss.png", "runs", RUN_FILE)
+from zhiling.owned import Mark, NotOwnedError, check_replaceable, record_file, remove_owned
 
 
 @dataclass
@@ -54,14 +54,61 @@ def _describe_identity(identity: dict) -> str:
     return ", ".join(f"{key} {value}" for key, value in identity.items())
 
 
-def clear_run(folder: Path, extra: list[str] = ()) -> None:
-    """Remove what a run wrote (and nothing else) from ``folder``."""
-    for name in [*RUN_ENTRIES, *extra]:
-        path = folder / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+def _beside_record(path: Path) -> bool:
+    return (path.parent / RUN_FILE).is_file()
+
+
+# an entry of the run layout is zhiling's when the folder holds a run record; a stage folder when it holds its own
+_RUN_ENTRY = Mark(_beside_record, f"no {RUN_FILE} beside it")
+_STAGE_DIR = record_file(RUN_FILE)
+
+
+def _stage_names(folder: Path, record: dict) -> list[str]:
+    """The stage folders a staged run's record names, each checked to be a plain name (never a path)."""
+    stages = record.get("stages", [])
+    if not isinstance(stages, list):
+        raise NotOwnedError(f"{folder / RUN_FILE}: 'stages' is not a list; zhiling will not delete what it names")
+    names = []
+    for index, stage in enumerate(stages):
+        name = stage.get("name") if isinstance(stage, dict) else None
+        if name is None:
+            continue
+        problem = stage_name_problem(name)
+        if problem:
+            raise NotOwnedError(f"{folder / RUN_FILE}: stages[{index}].name {name!r} is not a stage folder name "
+                                f"({problem}); zhiling will not delete what it names. Choose another output.dir")
+        names.append(name)
+    return names
+
+
+def _run_paths(folder: Path, stage_names: list[str] = ()) -> list[Path]:
+    """What clearing the run in ``folder`` deletes, in order, every path checked (nothing is deleted here): the runs
+    inside the stage folders, then the run layout's entries, each folder's run record last (it is what marks the
+    rest as zhiling's)."""
+    paths = []
+    for stage_dir in (folder / name for name in stage_names):
+        check_replaceable(stage_dir, _STAGE_DIR, what="stage folder", flag="output.overwrite")
+        if (stage_dir / RUN_FILE).is_file():
+            paths += _run_paths(stage_dir)
+    entries = [folder / name for name in RUN_ENTRIES if name != RUN_FILE] + [folder / RUN_FILE]
+    for path in entries:
+        check_replaceable(path, _RUN_ENTRY, what="output.dir entry", flag="output.overwrite")
+    return paths + entries
+
+
+def clear_run(folder: Path, stage_names: list[str] = ()) -> None:
+    """Remove what a run wrote (and nothing else) from ``folder``, which holds its run record: the run layout's
+    entries, and for each stage of a staged run the run inside OUTPUT/STAGE (that folder too once it is empty).
+    Everything is checked before anything is deleted."""
+    for path in _run_paths(folder, stage_names):
+        remove_owned(path, _RUN_ENTRY, what="output.dir entry", flag="output.overwrite")
+    for stage_dir in (folder / name for name in stage_names):
+        if stage_dir.is_dir() and not stage_dir.is_symlink() and not any(stage_dir.iterdir()):
+            stage_dir.rmdir()
+
+
+def _in_the_way(folder: Path) -> list[str]:
+    return [name for name in RUN_ENTRIES if (folder / name).exists() or (folder / name).is_symlink()]
 
 
 def claim_output_dir(folder: str | Path, identity: dict, overwrite: bool, resume: bool | str,
@@ -69,6 +116,8 @@ def claim_output_dir(folder: str | Path, identity: dict, overwrite: bool, resume
     """Check that ``folder`` is empty or holds this same run; refuse another run's folder unless ``overwrite``.
 
     ``identity`` names the run (model, method, ...). ``resume: false`` starts this run over in its own folder.
+    ``overwrite`` replaces another zhiling run (only what it wrote); in a folder without a run record it lets the run
+    write beside the files there, and refuses (``NotOwnedError``) when one of them has a name the run writes.
     ``check_only`` (dry runs) makes the same checks and deletes nothing.
     """
     folder = Path(folder)
@@ -77,15 +126,21 @@ def claim_output_dir(folder: str | Path, identity: dict, overwrite: bool, resume
     if not folder.exists() or not any(folder.iterdir()):
         return OutputState(None, True)
     record = read_record(folder)
-    stage_names = [stage.get("name") for stage in (record or {}).get("stages", []) if stage.get("name")]
     if record is None:
-        if overwrite:
-            if not check_only:
-                clear_run(folder)
-            return OutputState(None, True)
         entries = ", ".join(sorted(p.name for p in folder.iterdir())[:5])
-        raise ZhilingError(f"output.dir {folder} is not empty ({entries}) and holds no zhiling run; choose another "
-                           f"output.dir (or set output.overwrite=true to write into it anyway)")
+        if not overwrite:
+            raise ZhilingError(f"output.dir {folder} is not empty ({entries}) and holds no zhiling run; choose "
+                               f"another output.dir (or set output.overwrite=true to write beside those files)")
+        clash = _in_the_way(folder)
+        if clash:
+            raise NotOwnedError(f"output.dir {folder} holds no zhiling run ({RUN_FILE}), so its "
+                                f"{', '.join(clash)} are not zhiling's and output.overwrite will not delete them; "
+                                f"move them away or choose another output.dir")
+        return OutputState(None, True)
+    if not isinstance(record, dict) or not isinstance(record.get("identity"), dict):
+        raise NotOwnedError(f"{folder / RUN_FILE} is not a zhiling run record (no 'identity'); zhiling will not "
+                            f"replace this folder. Choose another output.dir")
+    stage_names = _stage_names(folder, record)
     if record.get("identity") != identity:
         if overwrite:
             if not check_only:
@@ -148,8 +203,7 @@ def save_final(model, tokenizer, template, folder: Path, is_adapter: bool) -> Pa
     template.apply_to_tokenizer(tokenizer)
     tokenizer.save_pretrained(str(tmp))
     save_template_record(template, tmp)
-    if final.exists():
-        shutil.rmtree(final)
+    remove_owned(final, _RUN_ENTRY, what="output.dir entry", flag=None)
     os.rename(tmp, final)
     return final
 
