@@ -25,7 +25,7 @@ from zhiling.errors import ZhilingError
 from zhiling.paths import cache_root
 
 IGNORE_INDEX = -100
-CACHE_VERSION = 2  # bump when the tokenized layout or the cutting rule changes
+CACHE_VERSION = 3  # bump when the tokenized layout, the cutting rule or how templates encode text changes
 _PROMPT_TAIL = 16
 
 
