@@ -54,7 +54,9 @@ def test_parity_check_reports_a_mismatch(tiny_tokenizer, tmp_path):
     gguf = _tiny_gguf(tmp_path, TEMPLATES["belle"])
     found = check_template_parity(TEMPLATES["alpaca"], tiny_tokenizer, gguf=gguf)
     assert {m.surface for m in found} == {"gguf chat_template", "gguf record"}
-    assert "gguf record" in str(found[-1])
+    first = found[0]
+    assert str(first).startswith("gguf chat_template (system, two rounds, whole): at character 457, expected ")
+    assert "### Instruction:" in str(first) and "Human: " in str(first)
 
 
 @pytest.mark.parametrize("typed", ["<|im_end|>", "<eos>", "<bos>", "<|im_start|>assistant\n"])

@@ -46,7 +46,12 @@ class ParityMismatch:
     got: str
 
     def __str__(self) -> str:
-        return f"{self.surface} ({self.case}): expected {self.expected!r}, got {self.got!r}"
+        """One line around the first difference (the texts can be long)."""
+        at = next((i for i, (a, b) in enumerate(zip(self.expected, self.got)) if a != b),
+                  min(len(self.expected), len(self.got)))
+        start = max(0, at - 30)
+        return (f"{self.surface} ({self.case}): at character {at}, expected {self.expected[start:at + 30]!r}, "
+                f"got {self.got[start:at + 30]!r}")
 
 
 def tricky_conversations(tokenizer) -> list[tuple[str, str | None, Turns]]:
