@@ -40,6 +40,21 @@ def test_every_path_renders_tricky_messages_verbatim(tiny_tokenizer, tmp_path, n
     assert check_template_parity(template, tiny_tokenizer, gguf=_tiny_gguf(tmp_path, template)) == []
 
 
+def test_parity_of_the_chat_template_a_saved_tokenizer_carries(tiny_tokenizer, tmp_path):
+    """What train and merge write (``apply_to_tokenizer`` + ``save_pretrained``) renders the same text too."""
+    from transformers import AutoTokenizer
+
+    from zhiling.parity import check_template_parity
+
+    for name in ("chatglm", "gemma"):
+        TEMPLATES[name].apply_to_tokenizer(tiny_tokenizer)
+        tiny_tokenizer.save_pretrained(tmp_path / name)
+        saved = AutoTokenizer.from_pretrained(tmp_path / name).chat_template
+        assert check_template_parity(TEMPLATES[name], tiny_tokenizer, saved_chat_template=saved) == []
+    found = check_template_parity(TEMPLATES["chatml"], tiny_tokenizer, saved_chat_template=saved)
+    assert found and {m.surface for m in found} == {"saved chat_template"}
+
+
 def test_parity_of_the_tokenizers_own_template(tiny_tokenizer):
     from zhiling.parity import check_template_parity
 

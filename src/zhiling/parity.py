@@ -9,6 +9,7 @@ such as ``<eos>`` or ``<|im_end|>``) through every path and compares the texts:
 * ``serve``: the generation prompt of chat / predict / serve (OpenAI messages -> ``ChatRequest`` -> the engine's
   ``request_prompt_ids``): the training ids, token for token;
 * ``chat_template``: the exported Jinja chat template (what merge and export write) rendered by transformers;
+* ``saved chat_template``: when given, a chat template as written to disk (a saved tokenizer's), the same way;
 * ``gguf chat_template``: a GGUF file's ``tokenizer.chat_template`` rendered as zhiling's llama.cpp backend
   renders it, with the file's own BOS / EOS text;
 * ``gguf record``: the template recorded in the GGUF file (``zhiling.template``, what the llama.cpp backend
@@ -67,19 +68,20 @@ def tricky_conversations(tokenizer) -> list[tuple[str, str | None, Turns]]:
     ]
 
 
-def check_template_parity(template, tokenizer, *, gguf: str | Path | None = None,
+def check_template_parity(template, tokenizer, *, gguf: str | Path | None = None, saved_chat_template: str | None = None,
                           conversations: list[tuple[str, str | None, Turns]] | None = None) -> list[ParityMismatch]:
     """Every mismatch between the paths listed in the module docstring ([] when they all agree).
 
     ``template``: a ``Template`` or the tokenizer's own (``TokenizerTemplate``); ``tokenizer``: the one training
-    and the hf backend use; ``gguf``: an exported GGUF file to check as well; ``conversations``: (name, system,
-    turns) to render, by default ``tricky_conversations(tokenizer)``."""
+    and the hf backend use; ``gguf``: an exported GGUF file to check as well; ``saved_chat_template``: a chat
+    template written to disk (the ``chat_template`` of a tokenizer saved by ``zhiling train`` or ``merge``) to check
+    as well; ``conversations``: (name, system, turns) to render, by default ``tricky_conversations(tokenizer)``."""
     found: list[ParityMismatch] = []
     gguf_info = _gguf_info(gguf) if gguf is not None else None
     for name, system, turns in conversations or tricky_conversations(tokenizer):
         generation = [*turns[:-1], (turns[-1][0], None)]
         for case, case_turns in ((f"{name}, whole", turns), (f"{name}, generation prompt", generation)):
-            found += _check_case(template, tokenizer, system, case_turns, case, gguf_info)
+            found += _check_case(template, tokenizer, system, case_turns, case, gguf_info, saved_chat_template)
     return found
 
 
@@ -102,7 +104,8 @@ def _control_ids(tokenizer, ids: list[int]) -> list[int]:
     return [i for i in ids if i in specials]
 
 
-def _check_case(template, tokenizer, system: str | None, turns: Turns, case: str, gguf_info) -> list[ParityMismatch]:
+def _check_case(template, tokenizer, system: str | None, turns: Turns, case: str, gguf_info,
+                saved_chat_template: str | None) -> list[ParityMismatch]:
     found = []
 
     def compare(surface: str, expected: str, got: str) -> None:
@@ -132,6 +135,9 @@ def _check_case(template, tokenizer, system: str | None, turns: Turns, case: str
             found.append(ParityMismatch("serve", case, _decode(tokenizer, ids), _decode(tokenizer, served)))
     compare("chat_template", reference, tokenizer.apply_chat_template(
         messages, chat_template=template.to_jinja(), tokenize=False, add_generation_prompt=generation))
+    if saved_chat_template is not None:
+        compare("saved chat_template", reference, tokenizer.apply_chat_template(
+            messages, chat_template=saved_chat_template, tokenize=False, add_generation_prompt=generation))
     if gguf_info is not None:
         chat_template, record, bos, eos = gguf_info
         if isinstance(template, Template):
