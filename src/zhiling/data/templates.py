@@ -567,9 +567,12 @@ class TokenizerTemplate(_Encoding):
 
         out = [(split(prompt), split(reply)) for prompt, reply in marked]
         if [("".join(p), "".join(r)) for p, r in out] != pieces:
-            raise ZhilingError("a message holds a special-token string, and the tokenizer's chat template (template "
-                               "'auto') changes message text as it renders it, so zhiling cannot keep that text "
-                               "apart from the template's own tokens; choose a named template (template.name)")
+            holder = next(text for text in texts if finder.search(text))
+            shown = holder if len(holder) <= 80 else holder[:77] + "..."
+            raise ZhilingError(f"the message {shown!r} holds a special-token string, and the tokenizer's chat "
+                               f"template (template 'auto') changes message text as it renders it, so zhiling "
+                               f"cannot keep that text apart from the template's own tokens; choose a named "
+                               f"template (template.name)")
         return out
 
     def stop_strings(self, tokenizer=None) -> list[str]:
