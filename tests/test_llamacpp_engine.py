@@ -78,6 +78,22 @@ def test_prompt_ids_are_the_template_encoding(engine):
     assert engine.stop_token_ids() == [2, engine.tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
 
+def test_control_token_strings_in_messages_stay_plain_text(engine, tiny_gguf):
+    """llama.cpp parses control tokens in the template's markup only: a user typing <|im_end|> sends text."""
+    from zhiling.parity import check_template_parity
+
+    tokenizer = engine.tokenizer
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert {"<|im_start|>", "<|im_end|>", "</s>"} <= {t.content for t in tokenizer.added_tokens_decoder.values()}
+    typed = engine.prompt_ids(ChatRequest("你好<|im_end|>", history=[("北京</s>", "上海<|im_start|>")],
+                                          system="<|im_end|>"))
+    plain = engine.prompt_ids(ChatRequest("你好", history=[("北京", "上海")], system="系统"))
+    assert typed.count(im_end) == plain.count(im_end) == 4  # the template's own: system, two questions, answer
+    assert tokenizer.encode("<|im_end|>", add_special_tokens=False) == [im_end]
+    assert im_end not in tokenizer.encode("<|im_end|>", add_special_tokens=False, split_special_tokens=True)
+    assert check_template_parity(engine.template, tokenizer, gguf=tiny_gguf) == []
+
+
 def test_tokenizer_round_trip_and_byte_fallback(engine):
     tokenizer = engine.tokenizer
     for text in ["你好世界", "Write a poem", "emoji 🚀 and 𝔘nicode", "### 指令：\n回答"]:

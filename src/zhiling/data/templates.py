@@ -17,8 +17,11 @@ template as a Hugging Face chat template, so other tools (vLLM, llama.cpp, Ollam
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
+import re
+import weakref
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,9 +34,99 @@ Pieces = tuple[list[int], list[int]]  # (prompt ids, answer ids) of one round
 
 
 BOS_SLOT, EOS_SLOT = -1, -2  # where the tokenizer's BOS / EOS id goes in a list of segments
+_PLACEHOLDER = re.compile(r"\{(content|index|eos)\}")
+
+
+_ROUND = object()  # the round number in template parts written out as Jinja
+
+
+class Message(str):
+    """Message text inside a list of segments: tokenized as plain text, never parsed for special tokens
+    (a user who types ``<eos>`` or ``<|im_end|>`` gets those characters, not the control token)."""
+
+
+# ----- encoding --------------------------------------------------------------------------------------------------
+# Rule: template markup is tokenized with the tokenizer's special tokens recognised; message text never is.
+# A run of text between two special tokens of the markup is tokenized in one piece, exactly as a tokenizer does
+# with a whole rendered prompt (it splits at special tokens first and tokenizes what lies between on its own), so
+# ids are those of the rendered text whenever no message holds a special-token string.
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _tokenizer_cache(tokenizer) -> dict:
+    """Per-tokenizer derived data (special-token table, plain-text encoder); rebuilt when the vocabulary grows."""
+    size = len(tokenizer)
+    try:
+        cache = _CACHE.get(tokenizer)
+    except TypeError:  # not weak-referenceable: nothing cached
+        return {"size": size}
+    if cache is None or cache["size"] != size:
+        cache = {"size": size}
+        try:
+            _CACHE[tokenizer] = cache
+        except TypeError:
+            pass
+    return cache
+
+
+def special_tokens(tokenizer) -> dict[str, int]:
+    """The strings a tokenizer turns into one special (control) token when it parses special tokens, with ids."""
+    cache = _tokenizer_cache(tokenizer)
+    if "specials" not in cache:
+        decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        cache["specials"] = {token.content: int(tid) for tid, token in decoder.items()
+                             if getattr(token, "special", False) and getattr(token, "content", "")}
+    return cache["specials"]
+
+
+class SpecialFinder:
+    """Finds special-token strings in text, leftmost-longest (as tokenizers match them).
+
+    The regex is a trie of the strings (a greedy optional tail wherever one string continues another, so the
+    longest wins): a plain alternation of thousands of tokens (Gemma's vocabulary has over 6,000) tries every one
+    of them at each '<' of the text, which made code-heavy rows 400 times slower."""
+
+    def __init__(self, specials: dict[str, int]):
+        self.ids = specials
+        self.pattern = re.compile(_trie_pattern(specials))
+
+    def finditer(self, text: str):
+        """(start, end, token id) of each special-token string, left to right, never overlapping."""
+        for match in self.pattern.finditer(text):
+            yield match.start(), match.end(), self.ids[match.group()]
+
+    def search(self, text: str) -> bool:
+        return self.pattern.search(text) is not None
+
+
+def _trie_pattern(words) -> str:
+    trie: dict = {}
+    for word in words:
+        node = trie
+        for ch in word:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def build(node: dict) -> str:
+        branches = [re.escape(ch) + build(child) for ch, child in sorted(node.items()) if ch]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        return "(?:" + body + ")?" if "" in node else body
+
+    return build(trie)
+
+
+def _special_finder(tokenizer) -> SpecialFinder | None:
+    cache = _tokenizer_cache(tokenizer)
+    if "finder" not in cache:
+        specials = special_tokens(tokenizer)
+        cache["finder"] = SpecialFinder(specials) if specials else None
+    return cache["finder"]
 
 
 def _batch_encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Template text: special-token strings become their special tokens."""
     if not texts:
         return []
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -42,31 +135,114 @@ def _batch_encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
+def _batch_encode_plain(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Text with special-token strings kept as plain text (``split_special_tokens``)."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # a private copy with encode_special_tokens on: toggling the shared one (what transformers does for
+        # split_special_tokens=True) would race with other threads encoding through it
+        cache = _tokenizer_cache(tokenizer)
+        plain = cache.get("plain")
+        if plain is None:
+            plain = copy.deepcopy(backend)
+            plain.encode_special_tokens = True
+            cache["plain"] = plain
+        return [encoding.ids for encoding in plain.encode_batch(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def _split_markup(text: str, finder: SpecialFinder) -> list:
+    """Markup text cut at special-token strings: text pieces and special-token ids."""
+    out: list = []
+    start = 0
+    for begin, end, token in finder.finditer(text):
+        if begin > start:
+            out.append(text[start:begin])
+        out.append(token)
+        start = end
+    if start < len(text):
+        out.append(text[start:])
+    return out
+
+
+def _plan_group(group: list[str], finder: SpecialFinder | None, parsed: list[str], plain: list[str]) -> list:
+    """How to encode consecutive text items: ('parsed', i) / ('plain', i) entries of the two batches, or ids."""
+    if finder is None or not any(isinstance(item, Message) and finder.search(item) for item in group):
+        parsed.append("".join(group))
+        return [("parsed", len(parsed) - 1)]
+    steps: list = []
+    run = ""
+    for item in group:
+        pieces = [item] if isinstance(item, Message) else _split_markup(item, finder)
+        for piece in pieces:
+            if isinstance(piece, int):
+                if run:
+                    plain.append(run)
+                    steps.append(("plain", len(plain) - 1))
+                    run = ""
+                steps.append(piece)
+            else:
+                run += piece
+    if run:
+        plain.append(run)
+        steps.append(("plain", len(plain) - 1))
+    return steps
+
+
 def encode_segments(tokenizer, conversations: list[list[tuple[list, list]]], template_name: str = "") -> list:
-    """Turn segment lists (text pieces and BOS/EOS slots) into token ids, tokenizing every text in one batch."""
-    texts = [item for rounds in conversations for pair in rounds for part in pair for item in part
-             if isinstance(item, str) and item]
-    encoded = iter(_batch_encode(tokenizer, texts))
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    out = []
+    """Turn segment lists into token ids, tokenizing every text in one batch.
+
+    A segment list holds template text (``str``: special-token strings in it become special tokens), message text
+    (``Message``: always plain text) and the BOS / EOS slots (``BOS_SLOT``, ``EOS_SLOT``: the tokenizer's ids)."""
+    finder = _special_finder(tokenizer)
+    parsed: list[str] = []
+    plain: list[str] = []
+    plans = []
     for rounds in conversations:
-        converted = []
+        plan_rounds = []
         for pair in rounds:
-            ids_pair = []
+            plan_pair = []
             for part in pair:
-                ids: list[int] = []
-                for item in part:
+                steps: list = []
+                group: list[str] = []
+                for item in [*part, None]:
                     if isinstance(item, str):
                         if item:
-                            ids += next(encoded)
-                    elif item == BOS_SLOT:
+                            group.append(item)
+                        continue
+                    if group:
+                        steps += _plan_group(group, finder, parsed, plain)
+                        group = []
+                    if item is not None:
+                        steps.append(item)
+                plan_pair.append(steps)
+            plan_rounds.append(plan_pair)
+        plans.append(plan_rounds)
+    encoded = {"parsed": _batch_encode(tokenizer, parsed), "plain": _batch_encode_plain(tokenizer, plain)}
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    out = []
+    for plan_rounds in plans:
+        converted = []
+        for plan_pair in plan_rounds:
+            ids_pair = []
+            for steps in plan_pair:
+                ids: list[int] = []
+                for step in steps:
+                    if isinstance(step, tuple):
+                        ids += encoded[step[0]][step[1]]
+                    elif step == BOS_SLOT:
                         if bos is not None:
                             ids.append(bos)
-                    elif eos is None:
-                        raise ZhilingError(f"template '{template_name}' ends answers with EOS, but the tokenizer has no "
-                                           f"eos_token; set one or choose a template with its own end marker")
-                    else:
+                    elif step == EOS_SLOT:
+                        if eos is None:
+                            raise ZhilingError(f"template '{template_name}' ends answers with EOS, but the tokenizer "
+                                               f"has no eos_token; set one or choose a template with its own end "
+                                               f"marker")
                         ids.append(eos)
+                    else:
+                        ids.append(step)
                 ids_pair.append(ids)
             converted.append(tuple(ids_pair))
         out.append(converted)
@@ -112,30 +288,65 @@ class Template(_Encoding):
     stop_words: tuple[str, ...] = ()
 
     # ----- text -------------------------------------------------------------------------------------------------
-    def _fill(self, fmt: str, content: str = "", index: int = 0, eos: str = "") -> str:
-        return fmt.replace("{content}", content).replace("{index}", str(index)).replace("{eos}", eos)
+    def _parts(self, fmt: str, content: str = "", index: int | None = None, eos=EOS_SLOT) -> list:
+        """A format string with its placeholders filled: literal text, ``Message(content)``, the round number
+        (``_ROUND`` when ``index`` is None: the Jinja export's round counter) and ``eos`` (a slot or text).
+        Only the format string is scanned for placeholders, never the message text, so a message holding
+        ``{index}`` or ``{eos}`` stays as written."""
+        out: list = []
+        for at, piece in enumerate(_PLACEHOLDER.split(fmt)):
+            if at % 2 == 0:
+                if piece:
+                    out.append(piece)
+            elif piece == "content":
+                out.append(Message(content))
+            elif piece == "index":
+                out.append(_ROUND if index is None else str(index))
+            else:
+                out.append(eos)
+        return out
 
     def _system_text(self, system: str | None) -> str:
         return self.default_system if system is None else system
 
+    def rounds(self, system: str | None, turns: Turns) -> list[tuple[list, list]]:
+        """Per round, the prompt and the answer as template text (``str``), message text (``Message``) and the
+        BOS / EOS slots; an answer that is None (a generation prompt) gives an empty answer list.
+
+        ``{index}`` is the round number (0 before the first round: in ``prefix`` and a system block of its own)."""
+        system_text = self._system_text(system)
+        out = []
+        for number, (user, answer) in enumerate(turns, start=1):
+            prompt: list = []
+            user_parts = self._parts(self.user, user, number)
+            if number == 1:
+                if self.add_bos:
+                    prompt.append(BOS_SLOT)
+                prompt += self._parts(self.prefix, index=0)
+                if system_text and not self.system_in_first_user:
+                    prompt += self._parts(self.system, system_text, 0)
+                if system_text and self.system_in_first_user:
+                    system_parts = self._parts(self.system, system_text, number)
+                    # the system block opens the user's message (a user format without {content} has no room)
+                    at = next((i for i, item in enumerate(user_parts) if isinstance(item, Message)), None)
+                    if at is not None:
+                        user_parts = user_parts[:at] + system_parts + user_parts[at:]
+            else:
+                prompt += self._parts(self.separator, index=number)
+            prompt += user_parts + self._parts(self.assistant_prefix, index=number)
+            reply: list = []
+            if answer is not None:
+                reply = self._parts(self.assistant, answer, number) + self._parts(self.end, index=number)
+            out.append((prompt, reply))
+        return out
+
     def prompt_pieces(self, system: str | None, turns: Turns, eos: str = "", bos: str = "") -> list[tuple[str, str]]:
         """(prompt text, answer text) per round; the last answer is '' when it is None (a generation prompt)."""
-        system_text = self._system_text(system)
-        pieces = []
-        for number, (user, answer) in enumerate(turns, start=1):
-            head = ""
-            if number == 1:
-                head = (bos if self.add_bos else "") + self.prefix
-                if system_text and not self.system_in_first_user:
-                    head += self._fill(self.system, system_text)
-                if system_text and self.system_in_first_user:
-                    user = self._fill(self.system, system_text) + user
-            else:
-                head = self.separator
-            prompt = head + self._fill(self.user, user, number) + self.assistant_prefix
-            reply = "" if answer is None else self._fill(self.assistant, answer) + self._fill(self.end, eos=eos)
-            pieces.append((prompt, reply))
-        return pieces
+
+        def text(items: list) -> str:
+            return "".join(bos if item == BOS_SLOT else eos if item == EOS_SLOT else item for item in items)
+
+        return [(text(prompt), text(reply)) for prompt, reply in self.rounds(system, turns)]
 
     def render(self, system: str | None, turns: Turns, eos: str = "", bos: str = "") -> str:
         """The whole conversation as text (a trailing ``(query, None)`` turn ends with the assistant cue)."""
@@ -147,21 +358,8 @@ class Template(_Encoding):
 
     # ----- tokens -----------------------------------------------------------------------------------------------
     def segments(self, tokenizer, system: str | None, turns: Turns) -> list[tuple[list, list]]:
-        """Per round, the prompt and the answer as text pieces and special-token slots (``BOS_SLOT``, ``EOS_SLOT``),
-        ready for ``encode_segments``."""
-        out = []
-        for number, (prompt, _) in enumerate(self.prompt_pieces(system, turns)):
-            prompt_items: list = [BOS_SLOT, prompt] if number == 0 and self.add_bos else [prompt]
-            answer_items: list = []
-            if turns[number][1] is not None:
-                answer_items.append(self._fill(self.assistant, turns[number][1]))
-                if "{eos}" in self.end:
-                    before, _, after = self.end.partition("{eos}")
-                    answer_items += [before, EOS_SLOT, after]
-                else:
-                    answer_items.append(self.end)
-            out.append((prompt_items, answer_items))
-        return out
+        """Per round, the prompt and the answer as segments for ``encode_segments``."""
+        return self.rounds(system, turns)
 
     def stop_strings(self, tokenizer=None) -> list[str]:
         """Text that ends an answer: the end marker and the template's stop words."""
@@ -183,44 +381,30 @@ class Template(_Encoding):
 
     # ----- Jinja ------------------------------------------------------------------------------------------------
     def to_jinja(self) -> str:
-        """This template as a Hugging Face chat template (renders exactly what ``render`` does)."""
+        """This template as a Hugging Face chat template (renders exactly what ``render`` does).
 
-        def lit(fmt: str, content_expr: str | None = None) -> str:
-            parts = []
-            text = fmt
-            while text:
-                cut = min((text.find(p) for p in ("{content}", "{index}", "{eos}") if p in text), default=-1)
-                if cut < 0:
-                    parts.append(json.dumps(text))
-                    break
-                if cut:
-                    parts.append(json.dumps(text[:cut]))
-                rest = text[cut:]
-                if rest.startswith("{content}"):
-                    parts.append(content_expr or "''")
-                    text = rest[len("{content}"):]
-                elif rest.startswith("{index}"):
-                    parts.append("(ns.round | string)")
-                    text = rest[len("{index}"):]
-                else:
-                    parts.append("eos_token")
-                    text = rest[len("{eos}"):]
-            return "{{ " + " + ".join(parts) + " }}" if parts else ""
+        Message text goes in as data (``message['content']``, ``system``), never as template source, and every
+        literal of the template is a quoted Jinja string (``jinja_string``)."""
+
+        def expr(fmt: str, content_expr: str = "''") -> str:
+            return _jinja_expression(self._parts(fmt), content_expr)
+
+        def lit(fmt: str, content_expr: str = "''") -> str:
+            return _jinja_output(self._parts(fmt), content_expr)
 
         bos = "{{ bos_token }}" if self.add_bos else ""
-        system_block = lit(self.system, "system")
         lines = [
             "{%- set ns = namespace(round=0, system='') -%}",
             "{%- if messages and messages[0]['role'] == 'system' -%}",
             "{%- set ns.system = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}",
             "{%- else -%}",
-            "{%- set ns.system = " + json.dumps(self.default_system) + " -%}{%- set loop_messages = messages -%}",
+            "{%- set ns.system = " + jinja_string(self.default_system) + " -%}{%- set loop_messages = messages -%}",
             "{%- endif -%}",
             "{%- set system = ns.system -%}",
             bos + lit(self.prefix),
         ]
         if not self.system_in_first_user:
-            lines.append("{%- if system -%}" + system_block + "{%- endif -%}")
+            lines.append("{%- if system -%}" + lit(self.system, "system") + "{%- endif -%}")
         lines += [
             "{%- for message in loop_messages -%}",
             "{%- if message['role'] == 'user' -%}",
@@ -229,7 +413,7 @@ class Template(_Encoding):
         ]
         if self.system_in_first_user:
             lines.append("{%- if ns.round == 1 and system -%}"
-                         + lit(self.user, lit_join(self.system, "system", "message['content']"))
+                         + lit(self.user, "(" + expr(self.system, "system") + " + message['content'])")
                          + "{%- else -%}" + lit(self.user, "message['content']") + "{%- endif -%}")
         else:
             lines.append(lit(self.user, "message['content']"))
@@ -252,21 +436,40 @@ class Template(_Encoding):
         return data
 
 
-def lit_join(system_fmt: str, system_expr: str, content_expr: str) -> str:
-    """A Jinja expression for the system block rendered in front of the first user message."""
+_JINJA_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_JINJA_DELIMITERS = re.compile(r"(?<=\{)(?=[{%#])|(?<=[}%#])(?=\})")
+
+
+def jinja_string(text: str) -> str:
+    """``text`` as a Jinja string literal that every chat-template engine reads back unchanged.
+
+    Only backslash, double quote, newline, carriage return and tab are escaped (Jinja, llama.cpp's Jinja and
+    transformers agree on those); other characters, Chinese and emoji included, are written as they are (a
+    ``\\uXXXX`` escape is read differently by different engines). A delimiter such as ``}}`` or ``{%`` is cut into
+    two concatenated strings, so that no engine can take it for the end or start of a tag."""
+    pieces = _JINJA_DELIMITERS.split(text)
+    quoted = ['"' + "".join(_JINJA_ESCAPES.get(ch, ch) for ch in piece) + '"' for piece in pieces]
+    return quoted[0] if len(quoted) == 1 else "(" + " + ".join(quoted) + ")"
+
+
+def _jinja_expression(parts: list, content_expr: str) -> str:
+    """A Jinja expression for template parts (from ``Template._parts``): literals quoted, the message as
+    ``content_expr``, the round number as ``ns.round``, the EOS slot as ``eos_token``."""
     pieces = []
-    text = system_fmt
-    if "{content}" in text:
-        before, _, after = text.partition("{content}")
-        if before:
-            pieces.append(json.dumps(before))
-        pieces.append(system_expr)
-        if after:
-            pieces.append(json.dumps(after))
-    else:
-        pieces.append(json.dumps(text))
-    pieces.append(content_expr)
-    return "(" + " + ".join(pieces) + ")"
+    for item in parts:
+        if isinstance(item, Message):
+            pieces.append(content_expr)
+        elif item == EOS_SLOT:
+            pieces.append("eos_token")
+        elif item is _ROUND:
+            pieces.append("(ns.round | string)")
+        else:
+            pieces.append(jinja_string(item))
+    return " + ".join(pieces) if pieces else "''"
+
+
+def _jinja_output(parts: list, content_expr: str) -> str:
+    return "{{ " + _jinja_expression(parts, content_expr) + " }}" if parts else ""
 
 
 @dataclass(frozen=True)
@@ -322,10 +525,54 @@ class TokenizerTemplate(_Encoding):
     def segments(self, tokenizer, system: str | None, turns: Turns) -> list[tuple[list, list]]:
         eos = tokenizer.eos_token
         out = []
-        for prompt, reply in self.prompt_pieces(tokenizer, system, turns):
-            # every supervised answer ends with EOS, whether or not the chat template writes one
-            answer = [reply, EOS_SLOT] if reply and (not eos or eos not in reply) else [reply]
-            out.append(([prompt], answer if reply else []))
+        for prompt, reply in self._marked_pieces(tokenizer, system, turns):
+            text = "".join(reply)
+            # every supervised answer ends with EOS, whether or not the chat template writes one (an EOS string
+            # in the message text is the user's, not the template's)
+            written = bool(eos) and any(eos in item for item in reply if not isinstance(item, Message))
+            answer = [*reply, EOS_SLOT] if text and not written else reply
+            out.append((prompt, answer if text else []))
+        return out
+
+    def _marked_pieces(self, tokenizer, system: str | None, turns: Turns) -> list[tuple[list, list]]:
+        """``prompt_pieces`` as segment lists, with message text marked as ``Message`` when it holds a
+        special-token string (so that it stays plain text).
+
+        The chat template is rendered a second time with each message replaced by a marker; the text between the
+        markers is the template's. When the template changes message text (trims it, looks inside it), the two
+        renderings disagree and the message's place cannot be known: that is an error, not a silent guess."""
+        pieces = self.prompt_pieces(tokenizer, system, turns)
+        finder = _special_finder(tokenizer)
+        system_text = system or self.default_system or None
+        texts = [system_text or ""] + [text or "" for turn in turns for text in turn]
+        if finder is None or not any(finder.search(text) for text in texts):
+            return [([prompt], [reply]) for prompt, reply in pieces]
+        contents: list[str] = []
+
+        def marker(text):
+            if not text:
+                return text
+            contents.append(text)
+            return f"\ue000{len(contents) - 1}\ue001"
+
+        marked_system = marker(system_text)
+        marked_turns = [(marker(user), None if answer is None else marker(answer)) for user, answer in turns]
+        marked = self.prompt_pieces(tokenizer, marked_system, marked_turns)
+
+        def split(text: str) -> list:
+            items: list = []
+            for at, piece in enumerate(re.split("\ue000([0-9]+)\ue001", text)):
+                items.append(Message(contents[int(piece)]) if at % 2 else piece)
+            return items
+
+        out = [(split(prompt), split(reply)) for prompt, reply in marked]
+        if [("".join(p), "".join(r)) for p, r in out] != pieces:
+            holder = next(text for text in texts if finder.search(text))
+            shown = holder if len(holder) <= 80 else holder[:77] + "..."
+            raise ZhilingError(f"the message {shown!r} holds a special-token string, and the tokenizer's chat "
+                               f"template (template 'auto') changes message text as it renders it, so zhiling "
+                               f"cannot keep that text apart from the template's own tokens; choose a named "
+                               f"template (template.name)")
         return out
 
     def stop_strings(self, tokenizer=None) -> list[str]:

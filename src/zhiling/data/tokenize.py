@@ -26,7 +26,7 @@ from zhiling.owned import check_replaceable, record_file, remove_owned
 from zhiling.paths import cache_root
 
 IGNORE_INDEX = -100
-CACHE_VERSION = 2  # bump when the tokenized layout or the cutting rule changes
+CACHE_VERSION = 3  # bump when the tokenized layout, the cutting rule or how templates encode text changes
 _PROMPT_TAIL = 16
 TOKENIZED_FOLDER = record_file("zhiling-report.json")  # a finished cache folder; written last
 

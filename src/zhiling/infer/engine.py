@@ -8,7 +8,8 @@ Contract (stable; backends live in their own modules and register in ``BACKENDS`
 * Prompts. ``Engine.prompt_ids(request)`` turns a ``ChatRequest`` into token ids with ``template.encode_prompt``
   (the template recorded with the adapter or given explicitly, the one training used), or a ``TextPrompt`` into
   the tokenizer's own encoding of the raw text (``/v1/completions``). A backend generates from these ids; it never
-  renders a prompt of its own, so every backend sees token for token the same prompt.
+  renders a prompt of its own, so every backend sees token for token the same prompt. Message text is never
+  parsed for special tokens (a user typing ``<|im_end|>`` sends those characters); a raw text prompt is.
 * Parameters. ``GenerationConfig`` (zhiling.config.generation). A backend lists the parameters it cannot honour in
   ``unsupported``; ``check_params`` raises ``ZhilingError`` when such a parameter is set to a non-default value.
 * Stops. Generation ends at EOS / the template's stop tokens (``stop_token_ids``) or at a stop string (the
@@ -149,6 +150,17 @@ class Result:
         return self.prompt_tokens + self.completion_tokens
 
 
+def request_prompt_ids(template, tokenizer, request: ChatRequest | TextPrompt,
+                       default_system: str | None = None) -> list[int]:
+    """The prompt every backend generates from: a chat request through the template (message text stays plain
+    text, see ``zhiling.data.templates``), a raw text prompt as the tokenizer encodes it (special-token strings
+    in it are special tokens: the caller wrote the whole prompt, markup included)."""
+    if isinstance(request, TextPrompt):
+        return list(tokenizer.encode(request.text))
+    system = request.system if request.system is not None else default_system
+    return template.encode_prompt(tokenizer, system, list(request.history), request.query)
+
+
 # ----- stop strings and incremental decoding ---------------------------------------------------------------------
 class StopStrings:
     """Finds the earliest stop string in a text and says how much of a growing text is safe to show."""
@@ -274,10 +286,7 @@ class Engine(ABC):
 
     # ----- prompts --------------------------------------------------------------------------------------------
     def prompt_ids(self, request: ChatRequest | TextPrompt) -> list[int]:
-        if isinstance(request, TextPrompt):
-            return list(self.tokenizer.encode(request.text))
-        system = request.system if request.system is not None else self.default_system
-        return self.template.encode_prompt(self.tokenizer, system, list(request.history), request.query)
+        return request_prompt_ids(self.template, self.tokenizer, request, self.default_system)
 
     def count_tokens(self, request: ChatRequest | TextPrompt) -> int:
         return len(self.prompt_ids(request))

@@ -20,7 +20,7 @@ import ctypes
 import os
 import threading
 import weakref
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -32,6 +32,14 @@ from zhiling.errors import ZhilingError
 from zhiling.infer.engine import Engine, IncrementalDecoder, StopStrings
 
 DEFAULT_N_CTX = 8192  # context allocated when the model allows more (the KV cache grows with it)
+
+
+@dataclass(frozen=True)
+class ControlToken:
+    """A control token's text, shaped like the entries of a Hugging Face tokenizer's ``added_tokens_decoder``."""
+
+    content: str
+    special: bool = True
 
 
 class LlamaCppTokenizer:
@@ -55,6 +63,13 @@ class LlamaCppTokenizer:
         self.unk_token = self._piece(self.unk_token_id)
         self.chat_template = metadata.get("tokenizer.chat_template") or None
         self._size = llm.n_vocab()
+        self.added_tokens_decoder = self._control_tokens()
+
+    def _control_tokens(self) -> dict[int, "ControlToken"]:
+        """The control tokens (what ``tokenize(special=True)`` turns text into), as Hugging Face tokenizers list
+        their special tokens: templates keep message text that spells one as plain text."""
+        is_control = self._llama_cpp.llama_vocab_is_control
+        return {tid: ControlToken(self._piece(tid)) for tid in range(self._size) if is_control(self._vocab, tid)}
 
     @staticmethod
     def _special(token_id: int) -> int | None:
@@ -79,19 +94,21 @@ class LlamaCppTokenizer:
     def __len__(self) -> int:
         return self._size
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; control-token strings in it become control tokens unless
+        ``split_special_tokens`` (then they are plain text, as in transformers)."""
         if not text:
             return [self.bos_token_id] if add_special_tokens and self.add_bos and self.bos_token_id is not None else []
         return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens and self.add_bos,
-                                       special=True))
+                                       special=not split_special_tokens))
 
-    def __call__(self, texts, add_special_tokens: bool = True, **kwargs) -> dict:
+    def __call__(self, texts, add_special_tokens: bool = True, split_special_tokens: bool = False, **kwargs) -> dict:
         """The batch call of a Hugging Face tokenizer (``input_ids`` only)."""
         if isinstance(texts, str):
-            return {"input_ids": self.encode(texts, add_special_tokens)}
-        return {"input_ids": [self.encode(text, add_special_tokens) for text in texts]}
+            return {"input_ids": self.encode(texts, add_special_tokens, split_special_tokens)}
+        return {"input_ids": [self.encode(text, add_special_tokens, split_special_tokens) for text in texts]}
 
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+    def decode(self, ids, skip_special_tokens: bool = False, **kwargs) -> str:
         return self._bytes(list(ids), special=not skip_special_tokens).decode("utf-8", "replace")
 
     def convert_tokens_to_ids(self, token: str) -> int | None:
@@ -101,21 +118,27 @@ class LlamaCppTokenizer:
     def apply_chat_template(self, messages, chat_template: str | None = None, tokenize: bool = False,
                             add_generation_prompt: bool = False, **kwargs):
         """Render a Jinja chat template (the ``auto`` template) the way transformers does."""
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         source = chat_template or self.chat_template
         if not source:
             raise ZhilingError("this GGUF file has no chat template (tokenizer.chat_template)")
-
-        def raise_exception(message):
-            raise ZhilingError(f"chat template: {message}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = raise_exception
-        text = env.from_string(source).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                               bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-                                               **kwargs)
+        text = render_chat_template(source, messages, add_generation_prompt=add_generation_prompt,
+                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def render_chat_template(source: str, messages: list[dict], *, add_generation_prompt: bool = False,
+                         bos_token: str = "", eos_token: str = "", **kwargs) -> str:
+    """A Jinja chat template rendered as this backend renders a GGUF file's ``tokenizer.chat_template`` (the
+    sandboxed environment and options transformers uses)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ZhilingError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                          bos_token=bos_token, eos_token=eos_token, **kwargs)
 
 
 # ----- sampling (transformers semantics) -------------------------------------------------------------------------
