@@ -402,6 +402,13 @@ def test_shutdown_cancels_generations_in_flight(tiny_tokenizer):
         server.thread.join(5)
         assert not server.thread.is_alive(), "the server did not stop within 5 seconds"
         assert all(cancel.is_set() for cancel in engine.cancelled)
+        for client in clients:
+            client.join(30)
+        answers = sorted(replies, key=lambda r: r.headers.get("content-type", ""))  # JSON first, then the stream
+        assert [r.status_code for r in answers] == [503, 200]
+        assert assert_openai_error(answers[0])["code"] == "shutting_down"
+        events = [line for line in answers[1].text.splitlines() if line]
+        assert events[-1] == "data: [DONE]" and '"shutting_down"' in events[-2]  # told, not a silent "stop"
     finally:
         gate.set()
         server.__exit__(None, None, None)

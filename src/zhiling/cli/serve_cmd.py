@@ -107,9 +107,9 @@ def register(sub) -> None:
                         requests for localhost / 127.0.0.1 / [::1] are answered (DNS rebinding protection).
                         Bodies over --max-body-mb get 413; a request has at most 1024 messages and 4 stop
                         strings. At most --max-concurrency answers are generated at once and --max-queue
-                        requests wait; more get 503 with Retry-After. The generation flags set the defaults; requests can
-                        override them (temperature, top_p, max_tokens, stop, seed, and zhiling's top_k,
-                        repetition_penalty, min_tokens, num_beams, no_repeat_ngram_size).""",
+                        requests wait; more get 503 with Retry-After. The generation flags set the defaults;
+                        requests can override them (temperature, top_p, max_tokens, stop, seed, and zhiling's
+                        top_k, repetition_penalty, min_tokens, num_beams, no_repeat_ngram_size).""",
                         examples="""
                         zhiling serve -m outputs/merged --api-key sk-local-123
                         ZHILING_API_KEY=sk-local-123 zhiling serve -m google/gemma-3-270m --adapter outputs/lora/adapter
@@ -136,7 +136,7 @@ def register(sub) -> None:
     add_generation_arguments(serve)
 
     webui = add_command(sub, "webui", help="chat with a model in the browser (Gradio)", func=_webui,
-                        description="""
+                        description=f"""
                         A browser chat page: answers stream in, Stop interrupts one, Undo removes the last turn,
                         Clear starts over and Save chat downloads the conversation (with its parameters) as a
                         canonical jsonl row. The system prompt and every generation parameter are in the

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zhiling.config import GenerationConfig
 from zhiling.errors import ZhilingError
-from zhiling.infer.engine import ChatRequest, Engine, PromptTooLongError, Result, TextPrompt
+from zhiling.infer.engine import FINISH_CANCELLED, ChatRequest, Engine, PromptTooLongError, Result, TextPrompt
 from zhiling.serve.guards import RequestGuard, is_loopback_host, key_matches
 from zhiling.serve.scheduler import QueueFull, Scheduler, ShuttingDown
 from zhiling.serve.schemas import ApiError, ChatCompletionRequest, CompletionRequest
@@ -44,6 +44,7 @@ RETRY_AFTER_SECONDS = 1
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_REPORTED_ERRORS = 5  # a body with 100,000 bad messages gets a short answer
 GENERATION_FAILED = "the generation failed; the details are in the server log"
+SHUTTING_DOWN = "the server is shutting down; the answer was cut off"
 log = logging.getLogger("zhiling.serve")
 
 
@@ -245,6 +246,8 @@ def create_app(engine: Engine, params: GenerationConfig | None = None, *, api_ke
         cancel = threading.Event()
         future = scheduler.submit(lambda: engine.generate([prompt], params, cancel)[0], cancel)
         result = await wait_watching(future, request, cancel)
+        if result.finish_reason == FINISH_CANCELLED and scheduler.stopping:
+            raise ApiError(503, SHUTTING_DOWN, kind="server_busy", code="shutting_down")
         return JSONResponse(completion_body(result, ident, chat))
 
     async def wait_watching(future: asyncio.Future, request: Request, cancel: threading.Event) -> Result:
@@ -318,6 +321,11 @@ def create_app(engine: Engine, params: GenerationConfig | None = None, *, api_ke
                 yield f"data: {json.dumps(error, ensure_ascii=False)}\n\n"
             else:
                 result = stream.result
+                if result.finish_reason == FINISH_CANCELLED and scheduler.stopping:
+                    error = ApiError(503, SHUTTING_DOWN, kind="server_busy", code="shutting_down").body()
+                    yield f"data: {json.dumps(error, ensure_ascii=False)}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
                 reason = result.finish_reason if result.finish_reason in ("stop", "length") else "stop"
                 yield chunk(ident, chat, None, reason)
                 if include_usage:
