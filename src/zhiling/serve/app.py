@@ -231,7 +231,7 @@ def create_app(engine: Engine, params: GenerationConfig | None = None, *, api_ke
     async def wait_disconnected(request: Request) -> None:
         """Returns when the client has gone (the body is read already: the next message is the disconnect)."""
         while (await request.receive())["type"] != "http.disconnect":
-            pass
+            await asyncio.sleep(0.1)  # a server that repeats the end of the body: look again shortly
 
     async def answer(prompt, params: GenerationConfig, body, request: Request, chat: bool):
         await asyncio.to_thread(check_request, prompt, params)  # tokenizing a huge prompt takes a while
