@@ -62,6 +62,24 @@ def test_stream_never_emits_part_of_a_stop_string(tiny_tokenizer):
     assert seen == "答案是四十二。"
 
 
+# ----- stop strings: bounded, and scanned in linear time --------------------------------------------------------
+def test_the_stop_scan_looks_only_at_the_tail(tiny_tokenizer, monkeypatch):
+    scanned: list[int] = []
+    find, safe_length = StopStrings.find, StopStrings.safe_length
+    monkeypatch.setattr(StopStrings, "find", lambda self, text, start=0: scanned.append(len(text))
+                        or find(self, text, start))
+    monkeypatch.setattr(StopStrings, "safe_length", lambda self, text: scanned.append(len(text))
+                        or safe_length(self, text))
+    answer = "一二三四五六七八九十" * 40
+    engine = ScriptedEngine(tiny_tokenizer, answer, eos=False, context_length=10_000)
+    params = GenerationConfig(max_new_tokens=4000, stop=["不会出现的停止词"])
+    with engine.stream(TextPrompt("x"), params) as stream:
+        assert stream.text() == answer
+    longest = max(len(stop) for stop in engine.stop_strings(params))
+    assert len(scanned) > 100
+    assert max(scanned) <= longest + 8  # the tail window, not the whole answer (400 characters)
+
+
 def test_finish_reasons_and_token_counts(tiny_tokenizer):
     engine = ScriptedEngine(tiny_tokenizer, "你好，世界！")
     request = ChatRequest("问")
@@ -230,6 +248,35 @@ def test_hf_sampling_is_repeatable_with_a_seed(hf_engine):
     first = hf_engine.generate([ChatRequest("你好")], params)[0].text
     assert hf_engine.generate([ChatRequest("你好")], params)[0].text == first
     assert hf_engine.stream(ChatRequest("你好"), params).text() == first
+
+
+def test_a_seeded_sampling_ignores_and_keeps_the_global_rng(hf_engine, monkeypatch):
+    """Each request draws from its own generator: other code reseeding or drawing from torch's global generator
+    between its steps changes nothing, and the seeded request leaves the global state as it was."""
+    params = GenerationConfig(max_new_tokens=16, do_sample=True, temperature=1.5, top_k=0, top_p=1.0, seed=7)
+    quiet = hf_engine.generate([ChatRequest("你好")], params)[0].text
+    forward = hf_engine.model.forward
+
+    def noisy_forward(*args, **kwargs):  # another request sampling (and an old-style reseed) at every step
+        torch.manual_seed(99)
+        torch.rand(100)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(hf_engine.model, "forward", noisy_forward)
+    assert hf_engine.generate([ChatRequest("你好")], params)[0].text == quiet
+    assert hf_engine.stream(ChatRequest("你好"), params).text() == quiet
+    monkeypatch.undo()
+    torch.manual_seed(2024)
+    state = torch.get_rng_state()
+    hf_engine.generate([ChatRequest("你好")], params)
+    hf_engine.generate([ChatRequest("你好")], params.model_copy(update={"seed": None}))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_hf_sampling_without_a_seed_varies(hf_engine):
+    params = GenerationConfig(max_new_tokens=16, do_sample=True, temperature=2.0, top_k=0, top_p=1.0)
+    answers = {hf_engine.generate([ChatRequest("你好")], params)[0].text for _ in range(4)}
+    assert len(answers) > 1
 
 
 def test_hf_beam_search_and_min_new_tokens(hf_engine):

@@ -112,7 +112,8 @@ def test_text_completions(client, hf_engine):
 
 
 def test_health_needs_no_key(server):
-    info = health(server)
+    assert health(server) == {"status": "ok"}  # without the key: nothing about the model or the machine
+    info = httpx.get(server.url + "/health", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert info["status"] == "ok" and info["served_model"] == "tiny" and info["backend"] == "hf"
 
 
@@ -345,8 +346,8 @@ def test_zhiling_serve_command(tiny_model_dir):
     assert "API key required" in err
 
 
-def health_at(port: int) -> dict:
-    return httpx.get(f"http://127.0.0.1:{port}/health").json()
+def health_at(port: int, key: str = "env-key") -> dict:
+    return httpx.get(f"http://127.0.0.1:{port}/health", headers={"Authorization": f"Bearer {key}"}).json()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -62,6 +62,66 @@ def test_save_chat_writes_a_canonical_row(tiny_tokenizer, tmp_path):
         save_chat(engine, new_state(), GenerationConfig(), "", tmp_path, None)
 
 
+def test_two_people_saving_in_the_same_second_get_their_own_files(tiny_tokenizer, tmp_path, monkeypatch):
+    import zhiling.serve.webui as webui
+
+    monkeypatch.setattr(webui.time, "strftime", lambda fmt: "20261202-120000")
+    engine = ScriptedEngine(tiny_tokenizer)
+    first = save_chat(engine, {"turns": [["我是甲", "好"]], "first_kept": 0}, GenerationConfig(), "", tmp_path, None)
+    second = save_chat(engine, {"turns": [["我是乙", "好"]], "first_kept": 0}, GenerationConfig(), "", tmp_path, None)
+    assert first != second
+    assert "我是甲" in first.read_text(encoding="utf-8") and "我是乙" in second.read_text(encoding="utf-8")
+
+
+def respond_function(demo):
+    [respond] = [f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "respond"][:1]
+    return respond
+
+
+def test_an_unexpected_failure_shows_no_internals(tiny_tokenizer, caplog):
+    import asyncio
+
+    class Broken(ScriptedEngine):
+        def _stream_ids(self, prompt, params, cancel):
+            raise RuntimeError("/home/secret/path: CUDA error")
+            yield  # noqa: unreachable - a generator
+
+    demo = build_webui(Broken(tiny_tokenizer), GenerationConfig(max_new_tokens=8))
+    respond = respond_function(demo)
+    values = [8, 0, False, 0.7, 0.9, 50, 1, 1.0, 0, -1]
+
+    async def run():
+        return [update async for update in respond("你好", new_state(), "", 2048, "", *values)]
+
+    updates = asyncio.run(run())
+    status = updates[-1][3]
+    assert "failed" in status and "secret" not in status and "CUDA" not in status
+    assert updates[-1][2] == "你好"  # the question is back in the box
+    assert "/home/secret/path" in caplog.text  # the details are in the log
+
+
+def test_the_save_folder_is_removed_at_exit(tiny_tokenizer_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+import sys, tempfile
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from transformers import AutoTokenizer
+from engine_fakes import ScriptedEngine
+from zhiling.serve.webui import build_webui
+demo = build_webui(ScriptedEngine(AutoTokenizer.from_pretrained({str(tiny_tokenizer_dir)!r})))
+print(len(list(Path(tempfile.gettempdir()).glob("zhiling-webui-*"))))
+"""
+    env = dict(os.environ, TMPDIR=str(tmp_path), GRADIO_TEMP_DIR=str(tmp_path / "gradio"))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "1"  # the folder existed while the page was up
+    assert list(tmp_path.glob("zhiling-webui-*")) == []
+
+
 # ----- in the browser --------------------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as sock:

@@ -24,7 +24,7 @@ class GenerationConfig(Section):
     repetition_penalty: float = Field(1.0, gt=0.0, description="penalise tokens already present (1 = off)")
     no_repeat_ngram_size: int = Field(0, ge=0, description="never repeat an n-gram of this size (hf backend only)")
     stop: list[str] = Field(default_factory=list, description="extra stop strings (the template's are always used)")
-    seed: int | None = Field(None, description="seed for sampling")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="seed for sampling (0 to 2**63 - 1)")
 
     @field_validator("stop")
     @classmethod

@@ -167,6 +167,7 @@ class StopStrings:
 
     def __init__(self, stops: Iterable[str]):
         self.stops = sorted({s for s in stops if s}, key=len, reverse=True)
+        self.longest = len(self.stops[0]) if self.stops else 0
 
     def find(self, text: str, start: int = 0) -> int:
         """Index of the earliest stop string at or after ``start`` (a stop may begin before ``start`` and end
@@ -366,7 +367,12 @@ class Engine(ABC):
         stops = StopStrings(self.stop_strings(params))
         stop_ids = set(self.stop_token_ids())
         decoder = IncrementalDecoder(self.tokenizer, stop_ids)
-        shown = ""  # text emitted so far
+        # Only the last ``longest - 1`` characters of the text already shown can be part of a stop string that
+        # ends in new text, so each token scans that tail plus the text held back: the cost per token stays the
+        # same however long the answer grows.
+        keep = max(stops.longest - 1, 0)
+        shown: list[str] = []  # deltas emitted so far
+        tail = ""  # the last ``keep`` characters emitted
         pending = ""  # decoded text not emitted yet (could be the start of a stop string)
         count = 0
         reason = FINISH_LENGTH
@@ -378,27 +384,30 @@ class Engine(ABC):
                     reason = FINISH_STOP
                     break
                 pending += decoder.push(token)
-                cut = stops.find(shown + pending, len(shown))
+                window = tail + pending
+                cut = stops.find(window, len(tail))
                 if cut >= 0:
-                    pending = (shown + pending)[len(shown):cut]
+                    pending = window[len(tail):cut]
                     reason = FINISH_STOP
                     break
-                safe = stops.safe_length(shown + pending) - len(shown)
+                safe = stops.safe_length(window) - len(tail)
                 if safe > 0:
                     delta, pending = pending[:safe], pending[safe:]
-                    shown += delta
+                    shown.append(delta)
+                    tail = (tail + delta)[-keep:] if keep else ""
                     yield delta
                 if cancel.is_set():
                     break
             else:
                 pending += decoder.flush()
-                cut = stops.find(shown + pending, len(shown))
+                window = tail + pending
+                cut = stops.find(window, len(tail))
                 if cut >= 0:
-                    pending = (shown + pending)[len(shown):cut]
+                    pending = window[len(tail):cut]
                     reason = FINISH_STOP
             if cancel.is_set() and reason != FINISH_STOP:
                 reason = FINISH_CANCELLED
-            stream.result = Result(shown + pending, reason, len(prompt), count)
+            stream.result = Result("".join(shown) + pending, reason, len(prompt), count)
             if pending:
                 yield pending
         finally:
@@ -407,7 +416,7 @@ class Engine(ABC):
             if close is not None:
                 close()
             if stream.result is None:
-                stream.result = Result(shown, FINISH_CANCELLED, len(prompt), count)
+                stream.result = Result("".join(shown), FINISH_CANCELLED, len(prompt), count)
 
 
 # ----- backends --------------------------------------------------------------------------------------------------

@@ -3,6 +3,12 @@
 CUDA, CPU or MPS (``model.device``), full precision or 4/8-bit through the loader. Batches are left-padded.
 Every ``GenerationConfig`` field is honoured; all of them are passed explicitly, so a model's own
 ``generation_config.json`` (a default temperature, repetition penalty ...) never changes what zhiling asked for.
+
+Sampling never touches torch's global random generator: each request draws from its own ``torch.Generator``
+(seeded with ``seed``, else from the OS), through ``SampleWithGenerator`` at the end of the logits processors, so
+a seeded request repeats exactly whatever else runs beside it (threads, later a shared batch) and reseeds nobody.
+Only beam *sampling* (``num_beams > 1`` with ``do_sample``) uses transformers' own draw: it runs one at a time
+with the global state saved and restored around it.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from transformers.generation import StoppingCriteria
+from transformers.generation import LogitsProcessor, StoppingCriteria
 
 from zhiling.config import GenerationConfig, ModelConfig, QuantizationConfig
 from zhiling.data.templates import resolve_template
@@ -47,6 +53,37 @@ def hf_generation_config(params: GenerationConfig, stop_ids: list[int], pad_id: 
         kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
     # greedy / beam search: sampling values stay unset (transformers ignores the model's defaults for them)
     return HFGenerationConfig(**kwargs)
+
+
+class SampleWithGenerator(LogitsProcessor):
+    """Draws the next token from the (already warped) scores with a request's own ``torch.Generator`` and leaves it
+    the only choice, so greedy decoding takes it: sampling without the global random state."""
+
+    def __init__(self, generator):
+        self.generator = generator
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        probs = torch.softmax(scores.float(), dim=-1)
+        tokens = torch.multinomial(probs, num_samples=1, generator=self.generator)
+        chosen = torch.full_like(scores, float("-inf"))
+        return chosen.scatter_(1, tokens, 0.0)
+
+
+def sampling_processors(params: GenerationConfig, generator) -> list:
+    """temperature, top-k, top-p (transformers' order), then the draw with ``generator``."""
+    from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    processors = [TemperatureLogitsWarper(params.temperature)]
+    if params.top_k:
+        processors.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        processors.append(TopPLogitsWarper(params.top_p))
+    return processors + [SampleWithGenerator(generator)]
+
+
+_GLOBAL_RNG = threading.Lock()  # beam sampling: the only path that draws from torch's global generator
 
 
 class StopStringCriteria(StoppingCriteria):
@@ -131,7 +168,8 @@ class HFEngine(Engine):
         return ids.to(device), mask.to(device), width
 
     def _generate_kwargs(self, prompts: list[list[int]], params: GenerationConfig, cancel: threading.Event):
-        from transformers.generation import StoppingCriteriaList
+        import torch
+        from transformers.generation import LogitsProcessorList, StoppingCriteriaList
 
         ids, mask, width = self._batch(prompts)
         stop_ids = self.stop_token_ids()
@@ -139,17 +177,30 @@ class HFEngine(Engine):
         stops = StopStrings(self.stop_strings(params))
         if stops.stops:
             criteria.append(StopStringCriteria(self.tokenizer, stops, width, set(stop_ids)))
-        return dict(input_ids=ids, attention_mask=mask,
-                    generation_config=hf_generation_config(params, stop_ids, self.pad_id),
-                    stopping_criteria=StoppingCriteriaList(criteria)), width
+        kwargs = dict(input_ids=ids, attention_mask=mask, stopping_criteria=StoppingCriteriaList(criteria))
+        if params.do_sample and params.num_beams == 1:  # our own draw, after greedy's processors
+            generator = torch.Generator(device=self.model.device)
+            if params.seed is not None:
+                generator.manual_seed(params.seed)
+            else:
+                generator.seed()
+            kwargs["logits_processor"] = LogitsProcessorList(sampling_processors(params, generator))
+            params = params.model_copy(update={"do_sample": False})
+        kwargs["generation_config"] = hf_generation_config(params, stop_ids, self.pad_id)
+        return kwargs, width
 
-    def _run_generate(self, kwargs: dict, seed: int | None):
+    def _run_generate(self, kwargs: dict, params: GenerationConfig):
         import torch
 
-        if seed is not None:
-            torch.manual_seed(seed)
         with torch.inference_mode():
-            return self.model.generate(**kwargs)
+            if not (params.do_sample and params.num_beams > 1):
+                return self.model.generate(**kwargs)
+            device = self.model.device
+            devices = [device.index or 0] if device.type == "cuda" else []
+            with _GLOBAL_RNG, torch.random.fork_rng(devices=devices, device_type=device.type):
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                return self.model.generate(**kwargs)
 
     def _trim(self, row: list[int], stop_ids: set[int]) -> list[int]:
         """Generated ids up to and including the first stop token; trailing padding removed."""
@@ -166,7 +217,7 @@ class HFEngine(Engine):
     def _generate_ids(self, prompts: list[list[int]], params: GenerationConfig,
                       cancel: threading.Event) -> list[list[int]]:
         kwargs, width = self._generate_kwargs(prompts, params, cancel)
-        output = self._run_generate(kwargs, params.seed)
+        output = self._run_generate(kwargs, params)
         stop_ids = set(self.stop_token_ids())
         return [self._trim(row, stop_ids) for row in output[:, width:].tolist()]
 
@@ -181,7 +232,7 @@ class HFEngine(Engine):
 
         def run():
             try:
-                self._run_generate(kwargs, params.seed)
+                self._run_generate(kwargs, params)
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
                 failure.append(exc)
             finally:

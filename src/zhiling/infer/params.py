@@ -19,6 +19,14 @@ PARAM_NAMES = list(GenerationConfig.model_fields)
 SAMPLING_ONLY = ("temperature", "top_p", "top_k")
 
 
+class InvalidParams(ZhilingError):
+    """A parameter value out of range; ``names`` are the parameters at fault."""
+
+    def __init__(self, message: str, names: list[str]):
+        super().__init__(message)
+        self.names = names
+
+
 def _describe_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
@@ -44,7 +52,8 @@ def update_params(params: GenerationConfig, **changes: Any) -> GenerationConfig:
     try:
         return GenerationConfig.model_validate({**params.model_dump(), **changes})
     except ValidationError as exc:
-        raise ZhilingError(f"invalid generation parameter: {_describe_error(exc)}") from None
+        names = [str(err["loc"][0]) for err in exc.errors() if err.get("loc")]
+        raise InvalidParams(f"invalid generation parameter: {_describe_error(exc)}", names) from None
 
 
 def parse_value(key: str, text: str) -> Any:

@@ -5,17 +5,34 @@ samples). zhiling's own parameters can be sent as extra fields: ``top_k``, ``rep
 ``min_tokens``, ``num_beams``, ``no_repeat_ngram_size``, ``do_sample``. Fields of the OpenAI API that zhiling
 cannot honour (tools, logprobs, n > 1 ...) are refused with a 400 naming them rather than ignored; unknown
 fields are a 422.
+
+Every list and string has a bound (a hostile body cannot make the server hold or scan without limit): at most
+``MAX_MESSAGES`` messages, ``MAX_STOPS`` stop strings of at most ``MAX_STOP_CHARS`` characters, ``MAX_BEAMS`` beams,
+``MAX_TEXT_CHARS`` characters per text, ``MAX_NAME_CHARS`` per name; the body itself is bounded by the server.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from zhiling.config import GenerationConfig
 from zhiling.errors import ZhilingError
-from zhiling.infer.params import update_params
+from zhiling.infer.params import InvalidParams, update_params
+
+MAX_MESSAGES = 1024
+MAX_STOPS = 4
+MAX_STOP_CHARS = 128
+MAX_BEAMS = 8
+MAX_TEXT_CHARS = 4_000_000
+MAX_NAME_CHARS = 256
+
+Text = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
+Name = Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)]
+Stop = Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS)]
+# generation parameters whose API name differs from zhiling's
+API_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 
 
 class ApiError(ZhilingError):
@@ -38,13 +55,13 @@ class ApiError(ZhilingError):
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send name / tool fields zhiling does not use
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    content: Text | Annotated[list[TextPart], Field(max_length=MAX_MESSAGES)]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -59,26 +76,26 @@ class _Common(BaseModel):
     """Fields shared by chat and text completions."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str
+    model: Name
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = None
     seed: int | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None
     top_logprobs: int | None = None
-    user: str | None = None
+    user: Name | None = None
     # zhiling's own parameters
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0.0)
     min_tokens: int | None = Field(None, ge=0)
-    num_beams: int | None = Field(None, ge=1)
+    num_beams: int | None = Field(None, ge=1, le=MAX_BEAMS)
     no_repeat_ngram_size: int | None = Field(None, ge=0)
     do_sample: bool | None = None
 
@@ -122,15 +139,16 @@ class _Common(BaseModel):
             changes["max_new_tokens"] = max(base.max_new_tokens, changes["min_new_tokens"])
         try:
             return update_params(base, **changes)
-        except ZhilingError as exc:
-            raise ApiError(400, str(exc)) from None
+        except InvalidParams as exc:
+            param = exc.names[0] if exc.names else None
+            raise ApiError(400, str(exc), param=API_NAMES.get(param, param)) from None
 
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
 
 
 class ChatCompletionRequest(_Common):
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: Any = None
     tool_choice: Any = None
@@ -157,9 +175,9 @@ class ChatCompletionRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str]
+    prompt: Text | Annotated[list[Text], Field(max_length=MAX_MESSAGES)]
     echo: bool = False
-    suffix: str | None = None
+    suffix: Text | None = None
     best_of: int | None = None
 
     def refuse_unsupported(self) -> None:

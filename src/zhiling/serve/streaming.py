@@ -17,17 +17,21 @@ _DELTA, _DONE, _ERROR = "delta", "done", "error"
 class AsyncTextStream:
     """Start with ``AsyncTextStream(engine, request, params)`` inside a running loop; iterate with ``async for``.
 
-    ``submit`` runs the worker function (default: the loop's thread pool); the server passes its scheduler's, so
-    the slot is held until the worker ends. ``result`` is set once the stream is exhausted."""
+    ``submit(work, cancel)`` runs the worker function (default: the loop's thread pool); the server passes its
+    scheduler's, so the slot is held until the worker ends (and shutdown can set ``cancel``). ``result`` is set once
+    the stream is exhausted."""
 
     def __init__(self, engine: Engine, request: ChatRequest | TextPrompt, params: GenerationConfig,
-                 submit: Callable[[Callable[[], None]], Any] | None = None):
+                 submit: Callable[[Callable[[], None], threading.Event], Any] | None = None):
         self.cancel = threading.Event()
         self.result: Result | None = None
         self._queue: asyncio.Queue = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._engine, self._request, self._params = engine, request, params
-        (submit or (lambda work: self._loop.run_in_executor(None, work)))(self._work)
+        if submit is None:
+            self._loop.run_in_executor(None, self._work)
+        else:
+            submit(self._work, self.cancel)
 
     def _put(self, item) -> None:
         try:

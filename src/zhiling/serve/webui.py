@@ -5,13 +5,22 @@ Each browser tab keeps its own conversation (``gr.State``: the turns and how man
 model's view), and answers go through ``ChatSession`` like ``zhiling chat``: the same template, the same history
 budget, the same parameters. The answer streams from a worker thread; Stop cancels the generation (the partial
 answer stays in the conversation, as in the terminal chat).
+
+Several people may use one page: each saved chat gets a file name of its own (time plus a random part), appends to
+``--save-to`` are serialised, the folder of saved chats is removed when the process exits, and a failure shows the
+user a plain sentence while the details go to the log.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import tempfile
+import threading
 import time
+import uuid
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +30,10 @@ from zhiling.infer.chat import DEFAULT_HISTORY_TOKENS, ChatSession
 from zhiling.infer.engine import FINISH_LENGTH, Engine
 from zhiling.infer.params import update_params
 from zhiling.serve.streaming import AsyncTextStream
+
+log = logging.getLogger("zhiling.webui")
+FAILED = "error: the answer failed; the details are in the server log"
+_SAVE_LOCK = threading.Lock()  # appends to --save-to from several browser sessions
 
 # the generation parameters shown in the form, in order (each is a GenerationConfig field)
 FORM_PARAMS = ["max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k", "num_beams",
@@ -65,10 +78,13 @@ def save_chat(engine: Engine, state: dict, params: GenerationConfig, system: str
     session = session_for(engine, state, params, system, DEFAULT_HISTORY_TOKENS)
     if not session.turns:
         raise ZhilingError("nothing to save yet: the conversation is empty")
-    target = folder / f"zhiling-chat-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-    target.write_text(json.dumps(session.to_record(), ensure_ascii=False) + "\n", encoding="utf-8")
+    # two people saving in the same second must not overwrite (or download) each other's chat
+    target = folder / f"zhiling-chat-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}.jsonl"
+    with open(target, "x", encoding="utf-8") as handle:
+        handle.write(json.dumps(session.to_record(), ensure_ascii=False) + "\n")
     if save_to is not None:
-        session.save(save_to)
+        with _SAVE_LOCK:
+            session.save(save_to)
     return target
 
 
@@ -85,7 +101,8 @@ def build_webui(engine: Engine, params: GenerationConfig | None = None, *, syste
     default_system = system if system is not None else getattr(engine.template, "default_system", "") or ""
     title = f"zhiling · {Path(engine.adapter_id or engine.model_id or 'model').name}"
 
-    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+    # delete_cache: Gradio's copies of downloaded chats are removed after an hour and when the server stops
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"### {title}\n{info['model']}" + (f" + adapter {info['adapter']}" if info["adapter"] else "")
                     + f" · {info['backend']} backend · {engine.template_origin} · context {engine.context_length}")
         state = gr.State(new_state())
@@ -156,6 +173,10 @@ def build_webui(engine: Engine, params: GenerationConfig | None = None, *, syste
             except ZhilingError as exc:
                 yield chat_messages(turns), chat_state, text, f"error: {exc}"
                 return
+            except Exception:  # noqa: BLE001 - the page shows a sentence, the log the details
+                log.exception("web UI answer failed")
+                yield chat_messages(turns), chat_state, text, FAILED
+                return
             finally:
                 stream.close()
             if stream.result is not None and stream.result.finish_reason == FINISH_LENGTH:
@@ -186,16 +207,24 @@ def build_webui(engine: Engine, params: GenerationConfig | None = None, *, syste
                 path = save_chat(engine, chat_state, params, system_text or "", save_folder, save_path)
             except ZhilingError as exc:
                 return gr.update(visible=False), f"error: {exc}"
+            except Exception:  # noqa: BLE001
+                log.exception("web UI save failed")
+                return gr.update(visible=False), FAILED.replace("answer", "save")
             where = f" and appended to {save_path}" if save_path else ""
             return gr.update(value=str(path), visible=True), f"saved {path.name}{where}"
 
         save.click(save_turns, [state, system_box, stop_box, *param_inputs], [saved, status])
     demo.queue(default_concurrency_limit=concurrency_limit)
+    demo.zhiling_save_folder = save_folder
+    # removed when the page is garbage-collected or, at the latest, when the process exits
+    weakref.finalize(demo, shutil.rmtree, str(save_folder), True)
     return demo
 
 
-def launch_webui(demo, host: str = "127.0.0.1", port: int = 7860, *, block: bool = True):
-    """Serve the page; returns (app, local url) when ``block`` is False."""
+def launch_webui(demo, host: str = "127.0.0.1", port: int = 7860, *, block: bool = True,
+                 auth: tuple[str, str] | None = None):
+    """Serve the page (behind a log-in when ``auth`` is given); returns (app, local url) when ``block`` is False.
+    Unexpected errors are not shown in the page (``show_error=False``): they are logged."""
     app, url, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=not block,
-                              footer_links=[], show_error=True)
+                              footer_links=[], show_error=False, auth=auth)
     return app, url
