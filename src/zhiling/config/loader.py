@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ from pydantic import BaseModel, ValidationError
 
 from zhiling.config.root import ZhilingConfig
 from zhiling.errors import ConfigError
+from zhiling.names import closest, suggestion
 
 # Shorthands: a plain string where a section is expected means its main field (``model: Qwen/Qwen2.5-7B``).
 _SHORTHAND = {"model": "name_or_path", "template": "name", "output": "dir"}
@@ -107,14 +107,13 @@ def closest_key(root: type[BaseModel], loc: tuple) -> str | None:
         return None
     wrong = str(loc[-1])
     names = list(owner.model_fields)
-    match = [ALIASES[wrong]] if ALIASES.get(wrong) in names else []
-    match = match or difflib.get_close_matches(wrong, names, n=1, cutoff=0.5)
-    if not match:
-        match = [n for n in names if wrong in n or n in wrong][:1]
-    if not match:
+    match = ALIASES[wrong] if ALIASES.get(wrong) in names else closest(wrong, names, cutoff=0.5)
+    if match is None:
+        match = next((n for n in names if wrong in n or n in wrong), None)
+    if match is None:
         return None
     prefix = ".".join(str(p) for p in loc[:-1] if not isinstance(p, int))
-    return f"{prefix}.{match[0]}" if prefix else match[0]
+    return f"{prefix}.{match}" if prefix else match
 
 
 def format_validation_error(exc: ValidationError, root: type[BaseModel], source: str) -> str:
@@ -123,11 +122,9 @@ def format_validation_error(exc: ValidationError, root: type[BaseModel], source:
         loc = tuple(err["loc"])
         key = ".".join(str(p) for p in loc) or "<root>"
         if err["type"] == "extra_forbidden":
-            hint = closest_key(root, loc)
             owner = _model_at(root, loc[:-1])
-            valid = ", ".join(owner.model_fields) if owner else ""
-            line = f"  unknown key '{key}'"
-            line += f"; did you mean '{hint}'?" if hint else f"; valid keys here: {valid}"
+            line = f"  unknown key '{key}'" + suggestion(key, owner.model_fields if owner else [],
+                                                         match=closest_key(root, loc), otherwise="valid keys here")
         else:
             line = f"  {key} = {err.get('input')!r}: {err['msg']}"
         lines.append(line)

@@ -15,7 +15,6 @@ dataset's name, so adding a dataset to the mix does not change what another cont
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import math
@@ -32,6 +31,7 @@ from zhiling.data.convert import ConvertReport, Rejected, iter_records
 from zhiling.data.formats import get_format
 from zhiling.data.formats.hf import PREFIX as HF_PREFIX, is_hf, parse_hf
 from zhiling.errors import ConfigError, DataError
+from zhiling.names import raise_unknown, suggestion
 
 RESOURCES = Path(__file__).resolve().parents[1] / "resources"
 BUILTIN_REGISTRY = RESOURCES / "datasets.yaml"
@@ -107,9 +107,7 @@ def _format_entry_error(path: Path, name: str, exc: ValidationError) -> str:
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "<entry>"
         if err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(err["loc"][-1]), list(DatasetEntry.model_fields), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else \
-                f"; valid keys: {', '.join(DatasetEntry.model_fields)}"
+            hint = suggestion(str(err["loc"][-1]), DatasetEntry.model_fields, otherwise="valid keys")
             lines.append(f"  unknown key '{key}'{hint}")
         else:
             lines.append(f"  {key}: {err['msg']}" + (f" (got {err['input']!r})" if err["loc"] else ""))
@@ -178,10 +176,8 @@ def resolve_dataset(name: str, registry: dict[str, ResolvedDataset], format: str
         if not path.exists():
             raise DataError(f"dataset '{name}' is not in the registry and no such file or folder exists", str(path))
         return ResolvedDataset(name=path.name.split(".")[0] or "data", paths=[str(path)], format=format)
-    close = difflib.get_close_matches(name, list(registry), n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    raise ConfigError(f"unknown dataset '{name}'{hint} (registered: {', '.join(sorted(registry))}; or give a file "
-                      f"path or hf:NAME)")
+    raise_unknown("dataset", name, sorted(registry), error=ConfigError, label="registered", cutoff=0.5,
+                  tail="; or give a file path or hf:NAME")
 
 
 def resolve_datasets(names: Iterable[str], registry_path: str | Path | None = None, format: str = "auto",

@@ -18,7 +18,6 @@ template as a Hugging Face chat template, so other tools (vLLM, llama.cpp, Ollam
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import re
 import weakref
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from zhiling.errors import ZhilingError
+from zhiling.names import raise_unknown
 
 Turns = list[tuple[str, "str | None"]]
 Pieces = tuple[list[int], list[int]]  # (prompt ids, answer ids) of one round
@@ -663,9 +663,7 @@ def get_template(name: str | None, tokenizer=None, model_type: str | None = None
     elif name in TEMPLATES:
         template = TEMPLATES[name]
     else:
-        close = difflib.get_close_matches(name, template_names(), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ZhilingError(f"unknown template '{name}'{hint} (known: {', '.join(template_names())})")
+        raise_unknown("template", name, template_names())
     if system is not None:
         template = replace(template, default_system=system)
     return template

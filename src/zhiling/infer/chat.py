@@ -9,7 +9,6 @@ into the model's view; the user is told each time turns are dropped.
 
 from __future__ import annotations
 
-import difflib
 import json
 import sys
 import time
@@ -21,6 +20,7 @@ from zhiling.config import GenerationConfig
 from zhiling.errors import ZhilingError
 from zhiling.infer.engine import FINISH_LENGTH, ChatRequest, Engine, PromptTooLongError
 from zhiling.infer.params import format_params, set_param
+from zhiling.names import suggestion
 
 DEFAULT_HISTORY_TOKENS = 2048
 
@@ -263,9 +263,7 @@ class ChatLoop:
             path = session.save(rest)
             self.say(f"conversation appended to {path}")
         else:
-            close = difflib.get_close_matches(name, list(COMMANDS), n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise ZhilingError(f"unknown command {name}{hint} (/help lists them; start a message with // to send "
+            raise ZhilingError(f"unknown command {name}{suggestion(name, COMMANDS, quote='')} (/help lists them; start a message with // to send "
                                f"text that begins with /)")
         return None
 

@@ -40,7 +40,6 @@ backend is ``zhiling.infer.hf_engine:load_hf_engine``; ``llama.cpp`` is
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import threading
 from abc import ABC, abstractmethod
@@ -49,6 +48,7 @@ from typing import Any, Iterable, Iterator
 
 from zhiling.config import GenerationConfig, ModelConfig, QuantizationConfig
 from zhiling.errors import ZhilingError
+from zhiling.names import raise_unknown
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -439,9 +439,7 @@ def load_engine(model_cfg: ModelConfig | str | None = None, adapter: str | None 
     model's own chat template or family default, exactly as training chose it. ``system`` replaces the template's
     default system prompt."""
     if backend not in BACKENDS:
-        close = difflib.get_close_matches(backend, list(BACKENDS), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ZhilingError(f"unknown backend '{backend}'{hint} (known: {', '.join(BACKENDS)})")
+        raise_unknown("backend", backend, BACKENDS)
     if model_cfg is None or isinstance(model_cfg, str):
         model_cfg = ModelConfig(name_or_path=model_cfg)
     module_name, _, function = BACKENDS[backend].partition(":")

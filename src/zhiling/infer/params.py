@@ -7,13 +7,13 @@ into a ``ZhilingError`` that names the parameter and the closest valid name.
 from __future__ import annotations
 
 import argparse
-import difflib
 from typing import Any
 
 from pydantic import ValidationError
 
 from zhiling.config import GenerationConfig
 from zhiling.errors import ZhilingError
+from zhiling.names import suggestion
 
 PARAM_NAMES = list(GenerationConfig.model_fields)
 SAMPLING_ONLY = ("temperature", "top_p", "top_k")
@@ -39,9 +39,8 @@ def _describe_error(exc: ValidationError) -> str:
 def check_param_name(key: str) -> str:
     name = key.strip().replace("-", "_")
     if name not in GenerationConfig.model_fields:
-        close = difflib.get_close_matches(name, PARAM_NAMES, n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ZhilingError(f"unknown generation parameter '{key}'{hint} (parameters: {', '.join(PARAM_NAMES)})")
+        raise ZhilingError(f"unknown generation parameter '{key}'{suggestion(name, PARAM_NAMES, cutoff=0.5)} "
+                           f"(parameters: {', '.join(PARAM_NAMES)})")
     return name
 
 

@@ -12,7 +12,6 @@ instead (their names and, for ``.txt`` files, their content).
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Callable, Iterator
 
 from zhiling.data.reader import RawRow, iter_json_rows
 from zhiling.errors import DataError
+from zhiling.names import raise_unknown, suggestion, unknown_name
 
 Converter = Callable[[Any, dict], list[dict]]
 Reader = Callable[[list[str], dict], Iterator["RawRow | DataError"]]
@@ -58,9 +58,8 @@ class FormatSpec:
         options = dict(options or {})
         for key in options:
             if key not in self.options:
-                close = difflib.get_close_matches(key, list(self.options), n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else (
-                    f"; valid options: {', '.join(self.options)}" if self.options else "; it takes no options")
+                hint = suggestion(key, self.options, otherwise="valid options") if self.options else \
+                    "; it takes no options"
                 raise OptionError(f"unknown option '{key}' for format '{self.name}'{hint}")
         merged = {**self.defaults, **options}
         if self.validate is not None:
@@ -117,9 +116,7 @@ def option_mapping(options: dict, key: str, allowed: tuple[str, ...]) -> dict[st
             pairs[name.strip()] = column.strip()
     for name, column in pairs.items():
         if name not in allowed:
-            close = difflib.get_close_matches(name, list(allowed), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise OptionError(f"option {key}: unknown name '{name}'{hint} (names: {', '.join(allowed)})")
+            raise OptionError(f"option {key}: {unknown_name('name', name, allowed, label='names')}")
     return pairs
 
 
@@ -155,9 +152,7 @@ def _load_all() -> None:
 def get_format(name: str) -> FormatSpec:
     _load_all()
     if name not in FORMATS:
-        close = difflib.get_close_matches(name, list(FORMATS), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise DataError(f"unknown format '{name}'{hint} (known: {', '.join(all_formats())}, or auto)")
+        raise_unknown("format", name, all_formats(), error=DataError, tail=", or auto")
     return FORMATS[name]
 
 
