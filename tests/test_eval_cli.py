@@ -255,10 +255,10 @@ def test_mc_command_prompts_and_scoring_seam(tmp_path, capsys, monkeypatch):
     assert out.startswith("===== geography-0 (answer C; options scored: ['A', 'B', 'C', 'D'])")
     assert "以下是关于地理的单项选择题" in out and out.rstrip().endswith("答案：")
 
-    def always_b(args):
+    def always_b(**model_options):
         return lambda prompts, options: [[0.0 if i == 1 else -1.0 for i in range(len(o))] for o in options]
 
-    monkeypatch.setattr("zhiling.cli.eval_cmd._option_scorer", always_b)
+    monkeypatch.setattr("zhiling.eval.scoring.load_option_scorer", always_b)
     assert main(["eval", "mc", "--limit", "4", "-q", "-o", str(tmp_path / "mc")]) == 0
     summary = json.loads((tmp_path / "mc" / "summary.json").read_text(encoding="utf-8"))
     rows = [json.loads(line) for line in (tmp_path / "mc" / "rows.jsonl").read_text(encoding="utf-8").splitlines()]

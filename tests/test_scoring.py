@@ -118,3 +118,19 @@ def test_ppl_and_mc_commands(tiny_model_dir, tmp_path, capsys):
     assert 0.0 <= mc_summary["overall"]["accuracy"] <= 1.0 and mc_summary["overall"]["questions"] == 10
     assert main(["eval", "ppl", "--data", str(tmp_path / "missing.jsonl"), "--model", model]) == 1
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_a_bad_template_fails_before_any_weights_load(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """`eval mc` and `eval ppl` resolve the template the same way, before the (slow) model load: a typo in
+    --template used to cost `eval mc` a full model load first."""
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the model was loaded before the template was checked")
+
+    monkeypatch.setattr("zhiling.models.load_model", no_weights)
+    model = str(tiny_model_dir("llama"))
+    data = tmp_path / "held.jsonl"
+    data.write_text(json.dumps({"instruction": "问题", "input": "", "output": "回答"}, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    for command in (["eval", "mc", "--limit", "1", "-o", str(tmp_path / "mc")], ["eval", "ppl", "--data", str(data)]):
+        assert main([*command, "--model", model, "--template", "chatmll", "-q"]) == 1
+        assert "unknown template 'chatmll'; did you mean 'chatml'?" in capsys.readouterr().err

@@ -92,58 +92,29 @@ def _parse_answer_specs(specs: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def _run_judge(args) -> int:
-    from zhiling.errors import ZhilingError
-    from zhiling.eval import judge as J
-    from zhiling.eval.endpoint import api_key_for, plain_http_warning, redact_url
-    from zhiling.eval.predictions import read_predictions
-    from zhiling.eval.progress import progress_bar
-    from zhiling.eval.rundir import write_run
-    from zhiling.eval.suite import answers_from_predictions, load_suite
-    from zhiling.eval.tables import markdown_document, print_tables
-    from zhiling.paths import cache_root
+def _categories(text: str | None) -> list[str] | None:
+    return [c.strip() for c in text.split(",") if c.strip()] if text else None
 
-    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
-    suite = load_suite(args.suite, categories, args.limit)
-    systems = []
-    for name, path in _parse_answer_specs(args.answers):
-        answers = answers_from_predictions(name, read_predictions(path), suite)
-        for message in answers.warnings:
-            _warn(message)
-        systems.append(answers)
-    api_key, note = api_key_for(args.judge_url, args.api_key_env)
-    print(f"note: {note}", file=sys.stderr)
-    insecure = plain_http_warning(args.judge_url, sends_key=api_key is not None)
-    if insecure:
-        _warn(insecure)
-    client = J.OpenAIJudge(args.judge_url, args.judge_model, api_key, timeout=args.timeout,
-                           max_retries=args.http_retries)
-    cache_dir = None if args.no_cache else (args.cache_dir or cache_root() / "judge")
-    cache = J.JudgeCache(cache_dir)
-    with progress_bar(len(suite), "judging", enabled=not args.quiet) as advance:
-        run = J.run_judge(client, suite, systems, cache=cache, retries=args.retries, concurrency=args.concurrency,
-                          retry_unparsed=args.retry_unparsed, progress=advance)
-    board = J.leaderboard(run.items, run.systems)
-    tables = [J.ranking_table(board, run.systems), J.leaderboard_table(board, run.systems)]
-    counts = {"items": len(run.items), "requests": run.requests, "cached": run.cached, **run.counts}
-    summary = {"judge_model": args.judge_model, "judge_url": redact_url(args.judge_url),
-               "rubric_version": J.RUBRIC_VERSION,
-               "suite": str(args.suite), "systems": [{"name": s.name, "source": s.source} for s in systems],
-               "leaderboard": board, "counts": counts}
-    out = write_run(args.output, "judge", summary=summary, rows=run.items, name=args.name,
-                    markdown=markdown_document(f"Judge: {args.judge_model} on suite {args.suite}", tables),
-                    inputs=[s.source for s in systems],
-                    options={"categories": categories, "limit": args.limit, "retries": args.retries,
-                             "cache_dir": str(cache_dir) if cache_dir else None})
-    print_tables(tables)
-    print(f"{run.requests} judge request(s) sent, {run.cached} of {len(run.items)} prompt(s) answered from the cache")
-    if run.counts.get("unparsed"):
-        _warn(f"{run.counts['unparsed']} prompt(s) marked unparsed: the judge never answered in the required format "
+
+def _run_judge(args) -> int:
+    from zhiling.eval.jobs import JudgeJob, run_judge_job
+    from zhiling.eval.tables import print_tables
+
+    job = JudgeJob(answers=_parse_answer_specs(args.answers), judge_url=args.judge_url, judge_model=args.judge_model,
+                   output=args.output, suite=args.suite, categories=_categories(args.categories), limit=args.limit,
+                   api_key_env=args.api_key_env, retries=args.retries, concurrency=args.concurrency,
+                   timeout=args.timeout, http_retries=args.http_retries, cache_dir=args.cache_dir,
+                   no_cache=args.no_cache, retry_unparsed=args.retry_unparsed, name=args.name)
+    done = run_judge_job(job, warn=_warn, note=lambda message: print(f"note: {message}", file=sys.stderr),
+                         progress=not args.quiet)
+    out = done.out
+    print_tables(done.tables)
+    print(f"{done.requests} judge request(s) sent, {done.cached} of {done.items} prompt(s) answered from the cache")
+    if done.counts.get("unparsed"):
+        _warn(f"{done.counts['unparsed']} prompt(s) marked unparsed: the judge never answered in the required format "
               f"(left out of the means; see rows.jsonl, re-ask with --retry-unparsed)")
     print(f"wrote {out}/summary.json, {out}/summary.md and {out}/rows.jsonl")
-    if run.counts.get("error"):
-        raise ZhilingError(f"{run.counts['error']} judge request(s) failed (see 'reason' in {out}/rows.jsonl); "
-                           "run the same command again to retry them, judged prompts come from the cache")
+    done.raise_for_errors()
     return 0
 
 
@@ -201,7 +172,7 @@ def _register_judge(group) -> None:
 def _run_suite_prompts(args) -> int:
     from zhiling.eval.suite import load_suite, write_suite_prompts
 
-    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+    categories = _categories(args.categories)
     items = load_suite(args.suite, categories, args.limit)
     path = write_suite_prompts(items, args.output)
     print(f"wrote {len(items)} prompt(s) in {len({i.category for i in items})} categories to {path}")
@@ -270,53 +241,21 @@ def _register_compare(group) -> None:
 
 # --------------------------------------------------------------------------------------------------- mc
 
-def _option_scorer(args):
-    """The model side of `eval mc`: a ``score_options(prompts, options) -> log-likelihoods`` callable."""
-    from zhiling.eval.scoring import load_option_scorer
-
-    return load_option_scorer(model=args.model, adapter=args.adapter, template=args.template, chat=args.chat)
-
-
 def _run_mc(args) -> int:
-    from zhiling.eval import mc
-    from zhiling.eval.progress import progress_bar
-    from zhiling.eval.rundir import write_run
-    from zhiling.eval.tables import markdown_document, print_tables
+    from zhiling.eval.jobs import MCJob, mc_prompts, run_mc_job
+    from zhiling.eval.tables import print_tables
 
-    data = [mc.bundled_sample_dir() if item == "bundled" else item for item in args.data]
-    subjects_filter = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
-    subjects = mc.read_mc(data, subjects_filter, args.limit)
-    dev = mc.read_mc([args.dev]) if args.dev else None
+    job = MCJob(data=args.data, dev=args.dev, shots=args.shots, lang=args.lang, option_text=args.option_text,
+                subjects=_categories(args.subjects), limit=args.limit, batch_size=args.batch_size, model=args.model,
+                adapter=args.adapter, template=args.template, chat=args.chat, output=args.output, name=args.name)
     if args.print_prompts is not None:
-        shown = 0
-        for name, subject in subjects.items():
-            for question in subject.questions:
-                if shown >= args.print_prompts:
-                    return 0
-                lang = mc.question_lang(question, args.lang)
-                shots = mc.pick_shots(question, args.shots, dev.get(name) if dev else None, subject)
-                letters = [mc.letter_continuation(letter, lang) for letter in question.letters]
-                print(f"===== {question.id} (answer {question.answer}; options scored: {letters})")
-                print(mc.build_prompt(question, subject, shots, lang))
-                shown += 1
+        for prompt in mc_prompts(job, args.print_prompts):
+            print(f"===== {prompt.id} (answer {prompt.answer}; options scored: {prompt.letters})")
+            print(prompt.text)
         return 0
-    if not args.output:
-        from zhiling.errors import ZhilingError
-
-        raise ZhilingError("-o OUT_DIR is required (unless --print-prompts)")
-    scorer = _option_scorer(args)
-    total = sum(len(s.questions) for s in subjects.values())
-    with progress_bar(total, "scoring options", enabled=not args.quiet) as advance:
-        result = mc.evaluate_mc(subjects, scorer, shots=args.shots, dev=dev, lang=args.lang,
-                                option_text=args.option_text, batch_size=args.batch_size, progress=advance)
-    options = {"shots": args.shots, "lang": args.lang, "option_text": args.option_text, "model": args.model,
-               "adapter": args.adapter, "dev": args.dev}
-    tables = mc.mc_tables(result.summary)
-    out = write_run(args.output, "mc", summary={**result.summary, **options}, rows=result.rows, name=args.name,
-                    markdown=markdown_document("Multiple choice", tables), inputs=[str(p) for p in data],
-                    options=options)
-    print_tables(tables)
-    print(f"wrote {out}/summary.json, {out}/summary.md and {out}/rows.jsonl")
+    done = run_mc_job(job, progress=not args.quiet)
+    print_tables(done.tables)
+    print(f"wrote {done.out}/summary.json, {done.out}/summary.md and {done.out}/rows.jsonl")
     return 0
 
 
@@ -362,42 +301,17 @@ def _register_mc(group) -> None:
 # --------------------------------------------------------------------------------------------------- ppl
 
 def _run_ppl(args) -> int:
-    import json
-    import sys
-    from pathlib import Path
+    from zhiling.eval.jobs import PplJob, run_ppl_job
 
-    from zhiling.config import ModelConfig
-    from zhiling.data.registry import iter_mixed_records
-    from zhiling.data.templates import resolve_template
-    from zhiling.data.tokenize import TokenizeOptions
-    from zhiling.eval.perplexity import perplexity
-    from zhiling.eval.progress import progress_bar
-    from zhiling.models import load_model, load_tokenizer, model_type_of, resolve_source
-
-    cfg = ModelConfig(name_or_path=args.model)
-    source = resolve_source(cfg)
-    tokenizer = load_tokenizer(cfg, source)
-    template, where = resolve_template(args.template, tokenizer, model_type_of(source), adapter=args.adapter,
-                                       model_dir=source.path)
-    print(f"using {where}", file=sys.stderr)
-    records = list(iter_mixed_records([args.data], args.registry, args.format, args.limit,
-                                      announce=lambda message: print(message, file=sys.stderr)))
-    model = load_model(cfg, adapter=args.adapter, source=source)
-    options = TokenizeOptions(cutoff_len=args.cutoff, mask_history=args.mask_history)
-    with progress_bar(len(records), "perplexity", enabled=not args.quiet) as advance:
-        result = perplexity(model, tokenizer, template, records, options, args.batch_size, advance)
-    summary = {key: value for key, value in result.items() if key != "per_row"}
-    summary.update(model=source.origin, adapter=args.adapter, template=template.name, data=args.data)
+    job = PplJob(data=args.data, format=args.format, registry=args.registry, model=args.model, adapter=args.adapter,
+                 template=args.template, cutoff=args.cutoff, mask_history=args.mask_history, limit=args.limit,
+                 batch_size=args.batch_size, output=args.output)
+    done = run_ppl_job(job, announce=lambda message: print(message, file=sys.stderr), progress=not args.quiet)
+    summary = done.summary
     print(f"perplexity {summary['perplexity']:.3f} (mean NLL {summary['nll']:.4f} over {summary['tokens']:,} "
-          f"answer tokens of {summary['rows']:,} rows; template '{template.name}')")
-    if args.output:
-        out = Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "perplexity.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
-        with (out / "perplexity_rows.jsonl").open("w", encoding="utf-8") as handle:
-            for row in result["per_row"]:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        print(f"wrote {out}/perplexity.json and {out}/perplexity_rows.jsonl")
+          f"answer tokens of {summary['rows']:,} rows; template '{summary['template']}')")
+    if done.out:
+        print(f"wrote {done.out}/perplexity.json and {done.out}/perplexity_rows.jsonl")
     return 0
 
 

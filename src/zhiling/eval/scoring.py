@@ -8,7 +8,8 @@ the assistant's answer, which is how a fine-tuned chat model sees questions.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 from zhiling.eval.likelihood import target_logprobs
 
@@ -45,19 +46,44 @@ class OptionScorer:
         return out
 
 
-def load_option_scorer(model: str | None, adapter: str | None = None, template: str | None = None,
-                       chat: bool = False, batch_size: int = 8) -> OptionScorer:
-    """An ``OptionScorer`` for a model (hub id, folder, GGUF, or the default) with an optional adapter."""
+@dataclass
+class ScoringModel:
+    """A model to score with, resolved but not loaded yet: the tokenizer and template are ready, so a bad template
+    name or data file fails before the (slow) weights load."""
+
+    cfg: Any
+    source: Any
+    adapter: str | None
+    tokenizer: Any
+    template: Any = None
+    where: str | None = None  # where the template came from ("template 'chatml' recorded with the adapter")
+
+    def load(self):
+        from zhiling.models import load_model
+
+        return load_model(self.cfg, adapter=self.adapter, source=self.source)
+
+
+def prepare_scoring_model(model: str | None, adapter: str | None = None, template: str | None = None,
+                          use_template: bool = True) -> ScoringModel:
+    """Resolve a model (hub id, folder, GGUF, or the default), load its tokenizer and, with ``use_template``, pick
+    the template: ``template`` if named, else the one recorded with the adapter or model, else the model's own."""
     from zhiling.config import ModelConfig
     from zhiling.data.templates import resolve_template
-    from zhiling.models import load_model, load_tokenizer, model_type_of, resolve_source
+    from zhiling.models import load_tokenizer, model_type_of, resolve_source
 
     cfg = ModelConfig(name_or_path=model)
     source = resolve_source(cfg)
     tokenizer = load_tokenizer(cfg, source)
-    loaded = load_model(cfg, adapter=adapter, source=source)
-    chosen = None
-    if template is not None or chat:
-        chosen, _ = resolve_template(template, tokenizer, model_type_of(source), adapter=adapter,
-                                     model_dir=source.path)
-    return OptionScorer(loaded, tokenizer, chosen, batch_size)
+    prepared = ScoringModel(cfg, source, adapter, tokenizer)
+    if use_template:
+        prepared.template, prepared.where = resolve_template(template, tokenizer, model_type_of(source),
+                                                             adapter=adapter, model_dir=source.path)
+    return prepared
+
+
+def load_option_scorer(model: str | None, adapter: str | None = None, template: str | None = None,
+                       chat: bool = False, batch_size: int = 8) -> OptionScorer:
+    """An ``OptionScorer`` for a model (hub id, folder, GGUF, or the default) with an optional adapter."""
+    prepared = prepare_scoring_model(model, adapter, template, use_template=template is not None or chat)
+    return OptionScorer(prepared.load(), prepared.tokenizer, prepared.template, batch_size)
