@@ -137,6 +137,7 @@ def test_metrics_command_bundled_scorer(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--metrics", "em,meteor"], "unknown metric 'meteor'"),
+    (["--metrics", "em,rougel"], "unknown metric 'rougel'; did you mean 'rouge_l'? (choose from"),
     (["--metrics", "accuracy"], "needs a label set"),
     (["--labels", "积极"], "at least two labels"),
     (["--metrics", "accuracy", "--labels", "积极,中性"], "line 2, field 'reference': reference '消极' is not one"),

@@ -58,8 +58,9 @@ class JudgeOutcome:
     def raise_for_errors(self) -> None:
         """Fail when some judge requests never got an answer (the run folder is written; a re-run retries them)."""
         if self.counts.get("error"):
-            raise ZhilingError(f"{self.counts['error']} judge request(s) failed (see 'reason' in {self.out}/rows.jsonl); "
-                               "run the same command again to retry them, judged prompts come from the cache")
+            raise ZhilingError(f"{self.counts['error']} judge request(s) failed (see 'reason' in "
+                               f"{self.out}/rows.jsonl); run the same command again to retry them, judged prompts "
+                               "come from the cache")
 
 
 def run_judge_job(job: JudgeJob, *, warn: Say = _silent, note: Say = _silent, progress: bool = True) -> JudgeOutcome:

@@ -19,6 +19,7 @@ from zhiling.errors import DataError, ZhilingError
 from zhiling.eval import metrics as M
 from zhiling.eval.predictions import Prediction, PredictionFile
 from zhiling.eval.tables import Table
+from zhiling.names import suggestion
 
 TEXT_METRICS: dict[str, Callable[[str, M.Reference], float]] = {
     "em": M.exact_match, "f1": M.char_f1, "rouge_l": M.rouge_l, "bleu4": M.bleu4,
@@ -61,7 +62,7 @@ def parse_metric_specs(text: str | None, has_labels: bool = False) -> list[Metri
             continue
         task, _, name = item.rpartition(":")
         if name not in METRIC_NAMES:
-            raise ZhilingError(f"--metrics: unknown metric {name!r} (choose from {', '.join(METRIC_NAMES)}; "
+            raise ZhilingError(f"--metrics: unknown metric {name!r}{suggestion(name, METRIC_NAMES)} (choose from {', '.join(METRIC_NAMES)}; "
                                f"TASK:NAME limits one to a task)")
         spec = MetricSpec(name, task.strip() or None)
         if spec not in specs:

@@ -263,8 +263,8 @@ class ChatLoop:
             path = session.save(rest)
             self.say(f"conversation appended to {path}")
         else:
-            raise ZhilingError(f"unknown command {name}{suggestion(name, COMMANDS, quote='')} (/help lists them; start a message with // to send "
-                               f"text that begins with /)")
+            raise ZhilingError(f"unknown command {name}{suggestion(name, COMMANDS, quote='')} (/help lists them; "
+                               f"start a message with // to send text that begins with /)")
         return None
 
     def set(self, rest: str) -> None:
