@@ -30,14 +30,6 @@ KNOWN_VIOLATIONS = {
     # Trainer.fit hands a multi-stage config to stages.run_stages, which builds a Trainer per stage and names the
     # run by trainer.model_id; untangled with the resume work on trainer.py / stages.py (issue 11, a later step).
     "cycle: zhiling.train.stages, zhiling.train.trainer",
-    # the quickstart, an application, filed in train/
-    "zhiling.train.quickstart -> zhiling.eval.metrics",
-    "zhiling.train.quickstart -> zhiling.eval.predictions",
-    "zhiling.train.quickstart -> zhiling.eval.reference_eval",
-    "zhiling.train.quickstart -> zhiling.eval.report",
-    "zhiling.train.quickstart -> zhiling.eval.rundir",
-    "zhiling.train.quickstart -> zhiling.infer.engine",
-    "zhiling.train.quickstart -> zhiling.infer.hf_engine",
     # the causal LM's body / head helpers, filed in train/loss.py
     "zhiling.eval.likelihood -> zhiling.train.loss",
     # GGUF's template key and llama-cpp-python, filed in export/
