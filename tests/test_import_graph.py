@@ -30,9 +30,6 @@ KNOWN_VIOLATIONS = {
     # Trainer.fit hands a multi-stage config to stages.run_stages, which builds a Trainer per stage and names the
     # run by trainer.model_id; untangled with the resume work on trainer.py / stages.py (issue 11, a later step).
     "cycle: zhiling.train.stages, zhiling.train.trainer",
-    # GGUF's template key and llama-cpp-python, filed in export/
-    "zhiling.infer.llamacpp_engine -> zhiling.export.gguf_meta",
-    "zhiling.infer.llamacpp_engine -> zhiling.export.quantize",
 }
 
 
