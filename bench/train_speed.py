@@ -31,7 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-IGNORE_INDEX = -100
+from zhiling.data.tokenize import IGNORE_INDEX
+
 EVAL_ROWS = 8  # the loss check after training runs on this many rows (the same rows for every way)
 WAYS = {"a": "plain: Trainer + peft, padded to cutoff_len",
         "b": "dynamic padding: Trainer + peft, DataCollatorForSeq2Seq",

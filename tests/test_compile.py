@@ -7,8 +7,9 @@ import torch
 
 import zhiling.train.compile as compile_module
 from tiny import make_config
+from zhiling.data.tokenize import IGNORE_INDEX
 from zhiling.train.compile import decoder_layers, is_compiled, maybe_compile
-from zhiling.train.loss import IGNORE_INDEX, label_only_loss
+from zhiling.train.loss import label_only_loss
 from zhiling.train.packing import packed_collator_for
 
 VOCAB = 300

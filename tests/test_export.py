@@ -21,7 +21,8 @@ from zhiling.export import converter as converter_module
 from zhiling.export.converter import (MANIFEST, Converter, ConverterIntegrityError, convert_to_gguf, converter_env,
                                       find_converter, run_logged)
 from zhiling.export.gguf_export import export_gguf
-from zhiling.export.gguf_meta import TEMPLATE_KEY, add_string_metadata, embedded_template, read_metadata
+from zhiling.export.gguf_meta import add_string_metadata, embedded_template, read_metadata
+from zhiling.models.gguf_file import TEMPLATE_KEY
 
 
 # ----- GGUF metadata -----------------------------------------------------------------------------------------------
@@ -53,6 +54,10 @@ def test_template_round_trips_through_gguf_metadata(tmp_path):
     bad = add_string_metadata(source, tmp_path / "bad.gguf", {TEMPLATE_KEY: "{not json"})
     with pytest.raises(ZhilingError, match="not a valid template record"):
         embedded_template(bad)
+    from zhiling.parity import check_template_parity  # the parity check decodes the record the same way
+
+    with pytest.raises(ZhilingError, match="bad.gguf: metadata zhiling.template is not a valid template record"):
+        check_template_parity(TEMPLATES["gemma"], None, gguf=bad)
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(ZhilingError, match="not a readable GGUF file"):
         read_metadata(tmp_path / "junk.gguf", ("x",))

@@ -7,8 +7,9 @@ import torch
 
 import zhiling.train.loss as loss_module
 from tiny import make_config
-from zhiling.train.loss import (IGNORE_INDEX, CausalLMLoss, check_label_only, head_parts, label_only_loss,
-                                plain_loss, shifted_targets, unwrap_model)
+from zhiling.data.tokenize import IGNORE_INDEX
+from zhiling.models.lm import head_parts, unwrap_model
+from zhiling.train.loss import CausalLMLoss, check_label_only, label_only_loss, plain_loss, shifted_targets
 from zhiling.train.packing import PaddedCollator, packed_collator_for
 
 VOCAB = 300

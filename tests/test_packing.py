@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from tiny import make_config
+from zhiling.data.tokenize import IGNORE_INDEX
 from zhiling.errors import ZhilingError
-from zhiling.train.packing import (IGNORE_INDEX, AttentionLayout, LengthGroupedBatchSampler, PackedBatchSampler,
-                                   PackedCollator, PaddedCollator, attention_layout, block_causal_mask,
-                                   default_packing_tokens, pack_rows, packed_collator_for, useful_tokens)
+from zhiling.train.packing import (AttentionLayout, LengthGroupedBatchSampler, PackedBatchSampler, PackedCollator,
+                                   PaddedCollator, attention_layout, block_causal_mask, default_packing_tokens,
+                                   pack_rows, packed_collator_for, useful_tokens)
 
 VOCAB = 300
 

@@ -6,8 +6,8 @@ import pytest
 
 from zhiling.cli import main
 from zhiling.data.bundled import BUNDLED_TASKS
-from zhiling.train.quickstart import (QuickstartOptions, QuickstartReport, Scores, held_out_rows, report_markdown,
-                                      score_answers, shown_rows, training_config)
+from zhiling.quickstart import (QuickstartOptions, QuickstartReport, Scores, held_out_rows, report_markdown,
+                                score_answers, shown_rows, training_config)
 
 
 def test_held_out_rows_cover_every_task():
@@ -67,7 +67,7 @@ def test_quickstart_on_the_default_model(tmp_path):
 def test_eval_report_compares_base_and_fine_tuned(tmp_path):
     """OUTPUT/eval: both prediction files, a metrics run each, and the eval-compare HTML report."""
     from zhiling.eval.rundir import read_run
-    from zhiling.train.quickstart import write_eval_report
+    from zhiling.quickstart import write_eval_report
 
     rows = held_out_rows(20)
     references = [row["messages"][-1]["content"] for row in rows]

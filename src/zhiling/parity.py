@@ -26,10 +26,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from zhiling.data.templates import Template, TokenizerTemplate, special_tokens, template_from_dict
-from zhiling.export.gguf_meta import TEMPLATE_KEY, read_metadata
+from zhiling.data.templates import Template, TokenizerTemplate, special_tokens
+from zhiling.export.gguf_meta import read_metadata
 from zhiling.infer.engine import ChatRequest, request_prompt_ids
 from zhiling.infer.llamacpp_engine import render_chat_template
+from zhiling.models.gguf_file import TEMPLATE_KEY, template_from_record
 
 Turns = list[tuple[str, "str | None"]]
 
@@ -160,8 +161,6 @@ def _check_case(template, tokenizer, system: str | None, turns: Turns, case: str
 
 def _gguf_info(path: str | Path):
     """(chat template, zhiling template record, BOS text, EOS text) of a GGUF file."""
-    import json
-
     keys = ("tokenizer.chat_template", TEMPLATE_KEY, "tokenizer.ggml.tokens", "tokenizer.ggml.bos_token_id",
             "tokenizer.ggml.eos_token_id")
     meta = read_metadata(path, keys)
@@ -172,5 +171,5 @@ def _gguf_info(path: str | Path):
         return tokens[index] if isinstance(index, int) and 0 <= index < len(tokens) else ""
 
     record = meta[TEMPLATE_KEY]
-    return (meta["tokenizer.chat_template"], template_from_dict(json.loads(record)) if record else None,
+    return (meta["tokenizer.chat_template"], template_from_record(record, path) if record else None,
             token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id"))

@@ -6,7 +6,7 @@ from zhiling.cli.common import add_command
 
 
 def _quickstart(args) -> int:
-    from zhiling.train.quickstart import QuickstartOptions, run_quickstart
+    from zhiling.quickstart import QuickstartOptions, run_quickstart
 
     options = QuickstartOptions(output_dir=args.output, max_steps=args.steps, eval_rows=args.rows,
                                 show_progress=not args.no_progress)
@@ -15,7 +15,7 @@ def _quickstart(args) -> int:
 
 
 def register(sub) -> None:
-    from zhiling.train.quickstart import QuickstartOptions
+    from zhiling.quickstart import QuickstartOptions
 
     defaults = QuickstartOptions()
     parser = add_command(

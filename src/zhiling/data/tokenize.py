@@ -25,7 +25,7 @@ from zhiling.errors import ZhilingError
 from zhiling.owned import check_replaceable, record_file, remove_owned
 from zhiling.paths import cache_root
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of a token not trained on (torch cross_entropy's default); the one definition
 CACHE_VERSION = 3  # bump when the tokenized layout, the cutting rule or how templates encode text changes
 _PROMPT_TAIL = 16
 TOKENIZED_FOLDER = record_file("zhiling-report.json")  # a finished cache folder; written last

@@ -15,7 +15,7 @@ def target_logprobs(model, sequences: Sequence[Sequence[int]], targets: Sequence
     """
     import torch
 
-    from zhiling.train.loss import body_hidden, default_chunk_size, head_logits, head_parts
+    from zhiling.models.lm import body_hidden, default_chunk_size, head_logits, head_parts
 
     parts = head_parts(model)
     head_rows = default_chunk_size(int(getattr(getattr(model, "config", None), "vocab_size", 0) or 32000))

@@ -28,10 +28,11 @@ from zhiling.config import ModelConfig
 from zhiling.data.templates import Template, resolve_template
 from zhiling.errors import ZhilingError
 from zhiling.export.converter import Converter, convert_to_gguf, find_converter
-from zhiling.export.gguf_meta import TEMPLATE_KEY, embed_template, embedded_template, read_metadata
+from zhiling.export.gguf_meta import embed_template, embedded_template, read_metadata
 from zhiling.export.merge import check_adapter_dir, model_inputs, stored_dtype, write_model_folder
 from zhiling.export.modelfile import MODELFILE_HEADER, write_modelfile
 from zhiling.export.spm_vocab import GgufVocab, added_tokens_from_gguf, read_gguf_vocab, write_spm
+from zhiling.models.gguf_file import TEMPLATE_KEY, require_llama_cpp
 from zhiling.models.loader import ModelSource, load_tokenizer, model_type_of, resolve_source
 from zhiling.owned import Mark, check_replaceable
 
@@ -197,8 +198,6 @@ def export_gguf(model_cfg: ModelConfig, out_file: str | Path, *, adapter: str | 
         check_replaceable(modelfile, WRITTEN_MODELFILE, inputs=inputs, what="output:", overwrite=overwrite)
     adapter_dir = check_adapter_dir(adapter) if adapter is not None else None
     if quant == "q4_k_m":
-        from zhiling.export.quantize import require_llama_cpp
-
         require_llama_cpp()
     tool: Converter = find_converter(converter)
     console.print(f"GGUF converter: {tool.origin}")

@@ -3,20 +3,19 @@
 A GGUF file is: header (magic, version, tensor count, key count), key/value pairs, tensor infos (name, shape, type,
 offset *relative to the data section*), padding to the alignment, tensor data. Adding a key therefore only
 rewrites the part before the data; the data section is copied byte for byte. zhiling writes its template record
-as ``zhiling.template`` so the file alone tells the llama.cpp backend the exact training prompt (the Jinja chat
-template says how to render text, but not the stop strings or how prompts are cut into tokens).
+under ``TEMPLATE_KEY`` (``zhiling.template``); the key and the record's encoding are ``zhiling.models.gguf_file``,
+shared with the llama.cpp backend.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import struct
 from pathlib import Path
 
 from zhiling.errors import ZhilingError
+from zhiling.models.gguf_file import TEMPLATE_KEY, template_from_record, template_record
 
-TEMPLATE_KEY = "zhiling.template"
 _STRING = 8  # GGUFValueType.STRING
 _KV_COUNT_OFFSET = 16  # magic (4) + version (4) + tensor count (8)
 
@@ -80,17 +79,10 @@ def add_string_metadata(source: str | Path, target: str | Path, items: dict[str,
 
 
 def embed_template(source: str | Path, target: str | Path, template) -> Path:
-    return add_string_metadata(source, target, {TEMPLATE_KEY: json.dumps(template.to_dict(), ensure_ascii=False)})
+    return add_string_metadata(source, target, {TEMPLATE_KEY: template_record(template)})
 
 
 def embedded_template(path: str | Path):
     """The zhiling template stored in a GGUF file, or None."""
-    from zhiling.data.templates import template_from_dict
-
     value = read_metadata(path, (TEMPLATE_KEY,))[TEMPLATE_KEY]
-    if value is None:
-        return None
-    try:
-        return template_from_dict(json.loads(value))
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise ZhilingError(f"{path}: metadata {TEMPLATE_KEY} is not a valid template record ({exc})") from None
+    return None if value is None else template_from_record(value, path)

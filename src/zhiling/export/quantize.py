@@ -14,17 +14,9 @@ import sys
 from pathlib import Path
 
 from zhiling.errors import ZhilingError
+from zhiling.models.gguf_file import require_llama_cpp
 
 FTYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
-
-
-def require_llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError as exc:
-        raise ZhilingError("q4_k_m quantization and the llama.cpp backend need llama-cpp-python: "
-                           "pip install 'zhiling[gguf]'") from exc
-    return llama_cpp
 
 
 def quantize_in_process(source: str, target: str, kind: str) -> int:

@@ -30,6 +30,7 @@ from zhiling.config import GenerationConfig, ModelConfig, QuantizationConfig
 from zhiling.data.templates import get_template
 from zhiling.errors import ZhilingError
 from zhiling.infer.engine import Engine, IncrementalDecoder, StopStrings
+from zhiling.models.gguf_file import TEMPLATE_KEY, require_llama_cpp, template_from_record
 
 DEFAULT_N_CTX = 8192  # context allocated when the model allows more (the KV cache grows with it)
 
@@ -321,21 +322,12 @@ def _gpu_layers(device: str) -> int:
 
 def _choose_template(name: str | None, tokenizer: LlamaCppTokenizer, metadata: dict[str, str], path: Path,
                      system: str | None):
-    from zhiling.export.gguf_meta import TEMPLATE_KEY
-
     arch = metadata.get("general.architecture")
     if name is not None:
         return get_template(name, tokenizer, arch, system), f"template '{name}' (given)"
     record = metadata.get(TEMPLATE_KEY)
     if record:
-        import json
-
-        from zhiling.data.templates import template_from_dict
-
-        try:
-            template = template_from_dict(json.loads(record))
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise ZhilingError(f"{path}: metadata {TEMPLATE_KEY} is not a valid template record ({exc})") from None
+        template = template_from_record(record, path)
         if system is not None:
             template = replace(template, default_system=system)
         return template, f"template '{template.name}' recorded in the GGUF file"
@@ -348,8 +340,6 @@ def load_llamacpp_engine(model_cfg: ModelConfig, *, adapter: str | None = None, 
                          quant: QuantizationConfig | None = None, system: str | None = None,
                          n_ctx: int | None = None, n_threads: int | None = None) -> LlamaCppEngine:
     """Load a GGUF file into llama.cpp. ``n_ctx`` defaults to the model's context, at most ``DEFAULT_N_CTX``."""
-    from zhiling.export.quantize import require_llama_cpp
-
     if adapter:
         raise ZhilingError("the llama.cpp backend runs a GGUF file and does not apply PEFT adapters; merge and export "
                            "first: zhiling export --model M --adapter DIR --format gguf -o model.gguf")

@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from zhiling.data.tokenize import IGNORE_INDEX
 from zhiling.errors import ConfigError
-from zhiling.train.loss import IGNORE_INDEX, plain_loss, unwrap_model
+from zhiling.models.lm import unwrap_model
+from zhiling.train.loss import plain_loss
 from zhiling.train.packing import (LengthGroupedBatchSampler, PackedBatchSampler, PaddedCollator,
                                    default_packing_tokens, pack_rows, packed_collator_for)
 

@@ -19,7 +19,7 @@ import warnings
 import torch
 from torch import nn
 
-from zhiling.train.loss import unwrap_model
+from zhiling.models.lm import unwrap_model
 
 
 def decoder_layers(model) -> list[nn.Module]:

@@ -20,9 +20,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
 
+from zhiling.data.tokenize import IGNORE_INDEX
 from zhiling.errors import ZhilingError
 
-IGNORE_INDEX = -100
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 _MASKED_KERNELS = ("sdpa", "eager")

@@ -11,6 +11,9 @@
 Scores use ``score_bundled``: exact answer for sentiment, one-word and rewrite rows, the right number of items from the
 right category for lists, entity-set F1 for entity extraction. The settings are chosen to finish within a few
 minutes on two CPU cores.
+
+An application, not a library: it orchestrates data, models, train, infer and eval, so it stands above them all
+(beside the CLI, which only parses ``zhiling quickstart`` and calls ``run_quickstart``); no library module imports it.
 """
 
 from __future__ import annotations
