@@ -103,7 +103,8 @@ def _wait_for(condition, process: subprocess.Popen, timeout: float = 180.0) -> N
     deadline = time.monotonic() + timeout
     while not condition():
         if process.poll() is not None:
-            raise AssertionError(f"training ended before the kill point:\n{process.stderr.read()}")
+            said = process.stderr.read() if process.stderr else ""
+            raise AssertionError(f"training ended before the kill point:\n{said}")
         if time.monotonic() > deadline:
             process.kill()
             raise AssertionError("training did not reach the kill point")
@@ -336,35 +337,55 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _launch(command, env, log: Path) -> subprocess.Popen:
+    """``zhiling train --nproc 2`` in a session of its own; output to a file, not a pipe (a worker must not die of a
+    closed pipe, only of its parent)."""
+    with log.open("a") as handle:
+        return subprocess.Popen(command, env=env, start_new_session=True, stdout=handle, stderr=handle)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the parent-death signal is Linux's")
-def test_killing_the_launchers_process_group_stops_every_worker_and_the_folder_resumes(tmp_path, tiny_model_dir):
+def test_two_processes_sigterm_saves_and_stops_and_a_killed_launcher_leaves_no_worker(tmp_path, tiny_model_dir):
+    """Under torchrun: SIGTERM to the launcher stops both ranks after the same step with a checkpoint there; then
+    kill -9 of the launcher's process group (launcher and torchrun) takes the workers with it, and the folder
+    resumes to the end."""
     data = write_data(tmp_path / "data.jsonl", rows=24)
     out = tmp_path / "out"
     tree = tiny_config(tiny_model_dir("llama"), data, out, tmp_path,
-                       training={"max_steps": 8, "save_steps": 2, "per_device_batch_size": 2})
+                       training={"max_steps": 8, "save_steps": 100, "per_device_batch_size": 2})
     config = _write_yaml(tmp_path / "ddp.yaml", tree)
-    hooks, pids = tmp_path / "hooks", tmp_path / "pids"
+    hooks, pids, log = tmp_path / "hooks", tmp_path / "pids", tmp_path / "launcher.log"
     hooks.mkdir()
     pids.mkdir()
     (hooks / "sitecustomize.py").write_text(WORKER_HOOK, encoding="utf-8")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(hooks), str(REPO / "src")]), ZHILING_TEST_PIDS=str(pids),
                STEP_DELAY="0.5")
     command = [sys.executable, "-m", "zhiling", "train", str(config), "--nproc", "2"]
-    launcher = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: bool(list_checkpoints(out / "checkpoints")), launcher, timeout=300)
+
+    launcher = _launch(command, env, log)
+    _wait_for(lambda: _metric_steps(out) >= 2, launcher, timeout=300)
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=120) != 0
+    stopped_at = _metric_steps(out)
+    assert [step for step, _ in list_checkpoints(out / "checkpoints")] == [stopped_at]  # save_steps is 100
+    assert "stopped by SIGTERM after step" in log.read_text()
+
+    launcher = _launch(command, env, log)
+    _wait_for(lambda: _metric_steps(out) >= stopped_at + 1, launcher, timeout=300)
     workers = [int((pids / f"rank{rank}.pid").read_text()) for rank in (0, 1)]
     assert all(_alive(pid) for pid in workers)
-    os.killpg(launcher.pid, signal.SIGKILL)  # the launcher's process group: the launcher and torchrun
+    os.killpg(launcher.pid, signal.SIGKILL)
     launcher.wait()
-    launcher.stderr.close()
+    at_kill = _metric_steps(out)
     deadline = time.monotonic() + 60
     while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in workers if _alive(pid)], "workers outlived their launcher"
+    assert _metric_steps(out) <= at_kill + 1, "the workers went on training after their launcher was killed"
     assert json.loads((out / "zhiling.json").read_text())["status"] == "running"
+
     env["STEP_DELAY"] = "0"
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming from" in done.stderr
+    assert f"resuming from {out / 'checkpoints'}/checkpoint-{stopped_at} " in done.stderr
     assert json.loads((out / "zhiling.json").read_text())["status"] == "finished"
