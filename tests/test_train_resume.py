@@ -130,26 +130,27 @@ def _resume(tree: dict, messages: list | None = None):
     return train(build_config(tree), show_progress=False, summary=False, announce=announce)
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_model_dir):
-    tmp = tmp_path_factory.mktemp("resume")
-    data = write_data(tmp / "data.jsonl", rows=24)
-    model = tiny_model_dir("llama")
-    reference = tmp / "reference"
-    train(build_config(_config_tree(model, data, reference, tmp)), show_progress=False, summary=False)
-    return tmp, data, model, reference
-
-
-@pytest.fixture(scope="module")
-def default_setup(tmp_path_factory, tiny_model_dir):
-    tmp = tmp_path_factory.mktemp("resume-default")
+def _reference(tmp_path_factory, tiny_model_dir, name: str, make_tree):
+    """(tmp, data, model, reference): a folder with data and the uninterrupted run the killed ones must match."""
+    tmp = tmp_path_factory.mktemp(name)
     data = write_data(tmp / "data.jsonl", rows=24)
     model = tiny_model_dir("llama")
     reference = tmp / "reference"
     messages = []
-    _resume(_default_tree(model, data, reference, tmp), messages)
+    _resume(make_tree(model, data, reference, tmp), messages)
+    return tmp, data, model, reference, messages
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model_dir):
+    return _reference(tmp_path_factory, tiny_model_dir, "resume", _config_tree)[:4]
+
+
+@pytest.fixture(scope="module")
+def default_setup(tmp_path_factory, tiny_model_dir):
+    *found, messages = _reference(tmp_path_factory, tiny_model_dir, "resume-default", _default_tree)
     assert any(line.startswith("plan:") and "packing on" in line for line in messages), messages
-    return tmp, data, model, reference
+    return tuple(found)
 
 
 # ----- SIGKILL ---------------------------------------------------------------------------------------------------------
