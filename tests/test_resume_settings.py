@@ -51,7 +51,7 @@ def _error_type(excinfo) -> str:
     return type(excinfo.value).__name__
 
 
-# ----- which keys are fingerprinted --------------------------------------------------------------------------------------
+# ----- which keys are fingerprinted -----------------------------------------------------------------------------------
 def test_every_config_key_is_fingerprinted_unless_listed_with_a_reason():
     from zhiling.train.fingerprint import NOT_RESULT, RESUMABLE, result_settings
 
@@ -74,7 +74,7 @@ def test_every_config_key_is_fingerprinted_unless_listed_with_a_reason():
     assert set(RESUMABLE) <= fingerprinted
 
 
-# ----- refused changes ---------------------------------------------------------------------------------------------------
+# ----- refused changes ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("section, values, named, resumable", [
     ("training", {"learning_rate": 1e-3}, [r"training\.learning_rate: 0\.005 -> 0\.001"], True),
     ("training", {"weight_decay": 0.1}, [r"training\.weight_decay: 0\.01 -> 0\.1"], True),
@@ -116,7 +116,7 @@ def test_resume_changes_cannot_name_a_key_that_shapes_the_run(stopped, tmp_path)
         train(build_config(changed), show_progress=False, summary=False)
 
 
-# ----- the opt-in applies the new values ---------------------------------------------------------------------------------
+# ----- the opt-in applies the new values ------------------------------------------------------------------------------
 def test_resume_changes_applies_new_learning_rate_weight_decay_and_length(stopped, tmp_path):
     from zhiling.config import TrainingConfig
     from zhiling.train.optim import build_scheduler
@@ -147,7 +147,7 @@ def test_resume_changes_applies_new_learning_rate_weight_decay_and_length(stoppe
         "training.learning_rate": [0.005, 0.001], "training.max_steps": [4, 6], "training.weight_decay": [0.01, 0.2]}}]
 
 
-# ----- tensors that do not fit -------------------------------------------------------------------------------------------
+# ----- tensors that do not fit ----------------------------------------------------------------------------------------
 def test_adapter_of_another_shape_is_a_named_error(stopped, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -163,7 +163,7 @@ def test_adapter_of_another_shape_is_a_named_error(stopped, tmp_path):
     assert _error_type(excinfo) == "CheckpointError"
 
 
-# ----- no pickle -------------------------------------------------------------------------------------------------------
+# ----- no pickle ------------------------------------------------------------------------------------------------------
 class _Payload:
     """Unpickling this calls open(marker, "w"): code run by merely loading the file."""
 

@@ -153,7 +153,7 @@ def default_setup(tmp_path_factory, tiny_model_dir):
     return tuple(found)
 
 
-# ----- SIGKILL ---------------------------------------------------------------------------------------------------------
+# ----- SIGKILL --------------------------------------------------------------------------------------------------------
 def test_kill_mid_run_then_resume_matches_uninterrupted_run(setup):
     tmp, data, model, reference = setup
     out = tmp / "killed"
@@ -235,7 +235,7 @@ def test_kill_during_the_final_save_resumes_and_leaves_no_partial_adapter(defaul
     assert_same_run(out, reference)
 
 
-# ----- SIGTERM and Ctrl-C ----------------------------------------------------------------------------------------------
+# ----- SIGTERM and Ctrl-C ---------------------------------------------------------------------------------------------
 class _Unhandled(Exception):
     pass
 
@@ -280,7 +280,7 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_at_the_next_step_then_exit(default
     assert_same_run(out, reference)
 
 
-# ----- a damaged newest checkpoint -------------------------------------------------------------------------------------
+# ----- a damaged newest checkpoint ------------------------------------------------------------------------------------
 def test_empty_or_corrupt_newest_state_falls_back_to_the_previous_checkpoint(setup, tmp_path):
     tmp, data, model, reference = setup
     out = tmp_path / "damaged"
@@ -312,7 +312,7 @@ def test_resume_from_an_explicit_checkpoint_path(setup, tmp_path):
     assert metric_rows(out)[-1] == metric_rows(reference)[-1]
 
 
-# ----- several processes -----------------------------------------------------------------------------------------------
+# ----- several processes ----------------------------------------------------------------------------------------------
 # Imported by every Python process started with this folder on PYTHONPATH: each torchrun worker writes its pid and
 # trains slowly enough to be killed mid-run.
 WORKER_HOOK = """

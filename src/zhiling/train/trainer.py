@@ -288,7 +288,7 @@ class Trainer:
         self.loss_module, self.optimizer = self.acc.prepare(self.loss_fn, self.optimizer)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
-    # ----- resume ------------------------------------------------------------------------------------------------------
+    # ----- resume -----------------------------------------------------------------------------------------------------
     def _find_resume_point(self) -> tuple[Path, ckpt.TrainState, dict] | None:
         """The checkpoint to continue from, read and checked: the one training.resume names, or the newest complete
         one (a damaged newest checkpoint is set aside, and the run falls back to the one before and says so)."""
