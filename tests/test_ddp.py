@@ -75,7 +75,7 @@ def test_two_process_ddp_on_cpu(tmp_path, tiny_model_dir):
     assert [r["save"] for r in rank0 if "save" in r] == [2]
     assert not [r for r in rank1 if "save" in r]  # only rank 0 writes checkpoints
     assert (out / "checkpoints" / "checkpoint-2" / "state.json").is_file()
-    rng_states = __import__("torch").load(out / "checkpoints" / "checkpoint-2" / "rng.pt", weights_only=False)
+    rng_states = __import__("torch").load(out / "checkpoints" / "checkpoint-2" / "rng.pt", weights_only=True)
     assert len(rng_states) == 2  # both ranks' RNG states, written by rank 0
     metrics = _records(out / "metrics.jsonl")
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4]  # one writer, no duplicate lines

@@ -67,7 +67,7 @@ def test_init_adapter_continues_the_adapter_with_a_fresh_optimizer(tmp_path, tin
     first_losses = [m["loss"] for m in _rows(first / "metrics.jsonl")]
     second_losses = [m["loss"] for m in _rows(second / "metrics.jsonl")]
     assert second_losses[0] < first_losses[0]  # it starts from the trained adapter
-    optimizer = torch.load(second / "checkpoints" / "checkpoint-2" / "optimizer.pt", weights_only=False)
+    optimizer = torch.load(second / "checkpoints" / "checkpoint-2" / "optimizer.pt", weights_only=True)
     assert {float(s["step"]) for s in optimizer["state"].values()} == {2.0}  # fresh: 2 steps, not 6 + 2
     a, b = load_file(str(first / "adapter" / "adapter_model.safetensors")), \
         load_file(str(second / "adapter" / "adapter_model.safetensors"))

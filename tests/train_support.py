@@ -46,3 +46,49 @@ def tiny_config(model_dir: Path, data_file: Path, out: Path, tmp: Path, **sectio
         else:
             tree[section] = values
     return tree
+
+
+def metric_rows(out: Path) -> list[tuple]:
+    """(step, loss, eval_loss, lr, grad_norm) of every line of OUTPUT/metrics.jsonl."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [(row["step"], row.get("loss"), row.get("eval_loss"), row.get("lr"), row.get("grad_norm")) for row in rows]
+
+
+def adapter_tensors(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    """Per-step losses (and lr, grad norm, eval loss) and the adapter bit for bit as in ``reference``."""
+    assert metric_rows(out) == metric_rows(reference)
+    got, want = adapter_tensors(out), adapter_tensors(reference)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert (got[name] == want[name]).all(), name
+
+
+def interrupt_after_checkpoint(tree: dict, count: int = 1) -> None:
+    """Train in-process and stop (as a kill would, without a final save) right after the ``count``-th checkpoint."""
+    import pytest
+
+    from zhiling.config.loader import build_config
+    from zhiling.train import trainer
+    from zhiling.train.trainer import train
+
+    original = trainer.Trainer._save_checkpoint
+    saves = []
+
+    def save_then_stop(self):
+        original(self)
+        saves.append(self.state.step)
+        if len(saves) == count:
+            raise SystemExit("stopped after a checkpoint")
+
+    trainer.Trainer._save_checkpoint = save_then_stop
+    try:
+        with pytest.raises(SystemExit):
+            train(build_config(tree), show_progress=False, summary=False)
+    finally:
+        trainer.Trainer._save_checkpoint = original

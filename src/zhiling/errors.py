@@ -41,3 +41,16 @@ class DataError(ZhilingError):
         """Return a copy of this error with the file and line filled in where they were unknown."""
         return DataError(self.reason, path=self.path or path, line=self.line if self.line is not None else line,
                          field=self.field)
+
+
+class CheckpointError(ZhilingError):
+    """A checkpoint cannot be resumed: settings that differ, files that are damaged or do not fit the model, or a
+    file that would run code when loaded."""
+
+
+class RunStopped(ZhilingError):
+    """A run stopped on request (SIGTERM, Ctrl-C) after saving a checkpoint; ``exit_code`` is 128 + the signal."""
+
+    def __init__(self, message: str, exit_code: int):
+        self.exit_code = exit_code
+        super().__init__(message)

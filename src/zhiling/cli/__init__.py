@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except ZhilingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        code = getattr(exc, "exit_code", None)  # RunStopped: a requested stop, not an error
+        print(f"{exc}" if code else f"error: {exc}", file=sys.stderr)
+        return code or 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import subprocess
 import sys
 
 from zhiling.cli.common import add_command, add_config_arguments
@@ -40,9 +39,15 @@ def _train(args) -> int:
             print(f"would launch: {shlex.join(command)}")
         return 0
     if command:
+        from zhiling.train.launch import run_torchrun
+
         print(f"launching {processes} process{'es' if processes > 1 else ''} per node: {shlex.join(command)}",
               file=sys.stderr, flush=True)
-        return subprocess.call(command)
+        return run_torchrun(command)
+    if _launched_by_torchrun():
+        from zhiling.train.launch import die_with_parent
+
+        die_with_parent()  # torchrun starts workers in sessions of their own: without this they outlive a kill
     from zhiling.train.trainer import train
 
     train(cfg)
@@ -56,8 +61,11 @@ def register(sub) -> None:
         Train as CONFIG.yaml says (any key can be overridden as key=value). The run writes OUTPUT/adapter (or
         OUTPUT/model for full and freeze), OUTPUT/zhiling.json, OUTPUT/metrics.jsonl, OUTPUT/loss.png and
         checkpoints. Running the same command again resumes from the last complete checkpoint and continues exactly
-        (same data order, same losses); training.resume=false starts over. A config with `stages:` trains each stage
-        on from the previous one and skips finished stages.
+        (same data order, same losses); a setting that differs from the checkpoint's is refused (the ones listed in
+        training.resume_changes are applied from there on); training.resume=false starts over. SIGTERM or Ctrl-C
+        saves a checkpoint after the current step and stops (exit 143 / 130); a second run on the same output.dir
+        is refused while the first lives. A config with `stages:` trains each stage on from the previous one and
+        skips finished stages.
 
         --nproc N runs N processes through torchrun (one per GPU; DDP with gloo on CPU); add --nnodes,
         --node-rank, --master-addr and --master-port on each machine of a multi-node run. DeepSpeed ZeRO and FSDP
@@ -67,6 +75,7 @@ def register(sub) -> None:
         zhiling train my.yaml training.learning_rate=1e-4 training.max_steps=200 output.dir=runs/try2
         zhiling train my.yaml --dry-run                     # plan: trainable parameters, tokens, steps, memory
         zhiling train my.yaml training.resume=false         # start over instead of resuming
+        zhiling train my.yaml training.max_steps=2000 training.resume_changes=max_steps   # train on past the end
         zhiling train examples/deepspeed-2gpu.yaml --nproc 2
         zhiling train my.yaml --nproc 8 --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --master-port 29500
         """)

@@ -42,6 +42,10 @@ class TrainingConfig(Section):
     save_steps: int = Field(100, ge=1)
     save_total_limit: int = Field(3, ge=1, description="keep this many most recent checkpoints")
     resume: bool | str = Field(True, description="true: resume from the last complete checkpoint; false; or a path")
+    resume_changes: list[str] = Field(
+        default_factory=list, description="settings a resume may change, applied from the checkpoint's step on: "
+                                          "learning_rate, weight_decay, max_grad_norm, lr_scheduler, warmup_steps, "
+                                          "warmup_ratio, max_steps, num_epochs, gradient_checkpointing, compile")
     init_adapter: str | None = Field(None, description="start from this adapter with a fresh optimizer")
     report_to: list[str] = Field(default_factory=list, description="tensorboard, wandb")
     compile: bool = Field(False, description="torch.compile the model")
@@ -50,7 +54,7 @@ class TrainingConfig(Section):
     distributed_config: str | None = Field(
         None, description="DeepSpeed JSON (ZeRO-2/3) or accelerate config YAML (DeepSpeed / FSDP) for multi-GPU runs")
 
-    @field_validator("report_to", mode="before")
+    @field_validator("report_to", "resume_changes", mode="before")
     @classmethod
     def _one_or_many(cls, value):
         if isinstance(value, str):

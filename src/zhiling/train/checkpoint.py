@@ -1,20 +1,28 @@
-"""Checkpoints that are either complete or absent, and the state needed to continue a run exactly.
+"""Checkpoints that are either complete or absent, the state needed to continue a run exactly, and loading them
+without running code.
 
 A checkpoint is written into ``checkpoint-N.tmp-PID`` and renamed to ``checkpoint-N`` once every file is on disk
-(``state.json`` last). A process killed mid-save leaves only a ``.tmp-`` folder, which is never taken for a checkpoint
-and is removed by the next run. Contents:
+(``state.json`` last). Old checkpoints are pruned by renaming them to ``checkpoint-N.tmp-pruned`` first, so a kill in
+the middle of a deletion never leaves a half-deleted folder that looks complete. Folders named ``.tmp-`` are never
+taken for checkpoints and are removed by the next run. Contents:
 
-- ``adapter/`` (PEFT format) or ``trainable.safetensors`` (full / freeze: the trained weights only)
-- ``optimizer.pt``, ``scheduler.pt``
-- ``rng.pt``: python, numpy, torch and CUDA generator states of every process
+- ``adapter/`` (PEFT safetensors) or ``trainable.safetensors`` (full / freeze: the trained weights only)
+- ``optimizer.pt``, ``scheduler.pt``: tensors and plain values only
+- ``rng.pt``: python, numpy, torch and CUDA generator states of every process, as tensors and plain values
 - ``state.json``: position (epoch, step within the epoch, global step), running log sums, and the fingerprint of
-  everything that must not change on resume (batch size, accumulation, processes, data, packing, cutoff, seed).
+  every setting the result depends on (``train.fingerprint``)
+
+The ``.pt`` files are read with ``torch.load(weights_only=True)``: a file that holds anything but tensors and plain
+values (a pickle that would run code) is refused with a CheckpointError before any of it is executed. A checkpoint
+whose files are missing, empty or unreadable is a DamagedCheckpoint: the trainer renames it ``checkpoint-N.damaged``
+and falls back to the one before.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -22,10 +30,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from zhiling.errors import ZhilingError
+from zhiling.errors import CheckpointError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "state.json"
+TORCH_FILES = ("optimizer.pt", "scheduler.pt", "rng.pt")
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint folder whose files are missing, empty or unreadable (the run falls back to an older one)."""
 
 
 @dataclass
@@ -55,7 +68,7 @@ class TrainState:
 
 # ----- finding checkpoints -------------------------------------------------------------------------------------------
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``root``, oldest first."""
+    """Checkpoint folders under ``root`` (named ``checkpoint-N`` and holding a state.json), oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -67,13 +80,8 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    found = list_checkpoints(root)
-    return found[-1][1] if found else None
-
-
 def remove_partial(root: str | Path) -> list[Path]:
-    """Delete folders left by saves that were interrupted (``checkpoint-N.tmp-*``)."""
+    """Delete folders left by saves or prunings that were interrupted (``checkpoint-N.tmp-*``)."""
     root = Path(root)
     removed = []
     if root.is_dir():
@@ -85,44 +93,104 @@ def remove_partial(root: str | Path) -> list[Path]:
 
 
 def read_state(checkpoint: str | Path) -> TrainState:
+    """The state.json of a checkpoint; DamagedCheckpoint when it is missing, empty or not a state."""
     path = Path(checkpoint) / STATE_FILE
     if not path.is_file():
-        raise ZhilingError(f"{checkpoint} is not a complete checkpoint (no {STATE_FILE}); "
-                           f"point training.resume at a checkpoint-N folder under OUTPUT/checkpoints")
+        raise DamagedCheckpoint(f"{checkpoint} is not a complete checkpoint (no {STATE_FILE}); "
+                                f"point training.resume at a checkpoint-N folder under OUTPUT/checkpoints")
     try:
-        return TrainState.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise ZhilingError(f"{path}: unreadable checkpoint state ({exc})") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON {type(data).__name__}, not an object")
+        state = TrainState.from_json(data)
+        if not isinstance(state.step, int) or not isinstance(state.fingerprint, dict):
+            raise TypeError("no step number or fingerprint")
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as exc:
+        raise DamagedCheckpoint(f"{path}: unreadable checkpoint state ({exc or 'empty file'})") from None
+    match = CHECKPOINT_RE.match(Path(checkpoint).name)
+    if match and int(match.group(1)) != state.step:
+        raise DamagedCheckpoint(f"{path}: says step {state.step}, but the folder is {Path(checkpoint).name}")
+    return state
 
 
-# ----- fingerprint ---------------------------------------------------------------------------------------------------
-FINGERPRINT_NAMES = {
-    "per_device_batch_size": "training.per_device_batch_size", "gradient_accumulation_steps":
-    "training.gradient_accumulation_steps", "processes": "the number of processes", "data": "the training data",
-    "packing": "training.packing", "packing_tokens": "the packing length", "cutoff_len": "data.cutoff_len",
-    "seed": "training.seed", "method": "training.method", "group_by_length": "training.group_by_length",
-}
+def check_complete(checkpoint: Path, sharded: bool, is_adapter: bool) -> None:
+    """DamagedCheckpoint unless every file a resume reads is present and not empty."""
+    if sharded:
+        needed = ["engine", "scheduler.pt", "rng.pt"]
+    else:
+        weights = "adapter/adapter_model.safetensors" if is_adapter else "trainable.safetensors"
+        needed = [weights, *TORCH_FILES]
+    for name in needed:
+        path = checkpoint / name
+        if not path.exists() or (path.is_file() and path.stat().st_size == 0):
+            raise DamagedCheckpoint(f"{checkpoint}: {name} is {'empty' if path.exists() else 'missing'}")
 
 
-def fingerprint_changes(saved: dict, current: dict) -> list[str]:
-    """Human-readable differences between the fingerprint in a checkpoint and the current run's."""
-    changes = []
-    for key in sorted(set(saved) | set(current)):
-        if saved.get(key) != current.get(key):
-            name = FINGERPRINT_NAMES.get(key, key)
-            if key == "data":
-                changes.append(f"{name} changed (different files, datasets, template, tokenizer or validation split)")
-            else:
-                changes.append(f"{name} changed from {saved.get(key)!r} to {current.get(key)!r}")
-    return changes
+# ----- loading without pickle ----------------------------------------------------------------------------------------
+def load_torch(path: Path, map_location=None):
+    """``torch.load(weights_only=True)``: tensors and plain values only. A file that asks for anything else (a
+    pickle that would run code) is a CheckpointError; a truncated or unreadable one is a DamagedCheckpoint."""
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
+            raise CheckpointError(f"{path}: refused to load: the file asks to create Python objects other than "
+                                  f"tensors and plain values (a pickle that could run code). zhiling's own "
+                                  f"checkpoints never need that; a file changed or made elsewhere is not "
+                                  f"loaded") from None
+        raise DamagedCheckpoint(f"{path}: unreadable ({exc})") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, RuntimeError) and "PytorchStreamReader" not in first:
+            raise  # not a damaged file: a bug to see with its traceback
+        raise DamagedCheckpoint(f"{path}: unreadable ({first})") from None
+
+
+def load_safetensors(path: Path) -> dict:
+    """The tensors of a safetensors file, on the CPU (loading them into the model copies them to its device)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise DamagedCheckpoint(f"{path}: unreadable ({exc})") from None
+
+
+def check_fit(path: Path, weights: dict, expected: dict[str, tuple], hint: str) -> None:
+    """CheckpointError naming the first tensor whose name or shape differs between a checkpoint and the model."""
+    missing = [name for name in expected if name not in weights]
+    extra = [name for name in weights if name not in expected]
+    wrong = [(name, tuple(weights[name].shape), tuple(expected[name])) for name in expected
+             if name in weights and tuple(weights[name].shape) != tuple(expected[name])]
+    problems = []
+    if wrong:
+        name, saved, here = wrong[0]
+        problems.append(f"{name} has shape {list(saved)} in the checkpoint and {list(here)} in this model"
+                        + (f" ({len(wrong) - 1} more tensors differ)" if len(wrong) > 1 else ""))
+    if missing:
+        problems.append(f"the checkpoint lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1
+                                                                   else ""))
+    if extra:
+        problems.append(f"the model has no {extra[0]}" + (f" (nor {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    if problems:
+        raise CheckpointError(f"{path}: does not fit this model: {'; '.join(problems)}. {hint}")
 
 
 # ----- RNG states ----------------------------------------------------------------------------------------------------
 def capture_rng() -> dict:
+    """Every generator's state as tensors and plain values (loadable with ``weights_only=True``)."""
     import numpy as np
     import torch
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(words), gauss],
+             "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                       float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -132,8 +200,10 @@ def restore_rng(state: dict) -> None:
     import numpy as np
     import torch
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -145,6 +215,47 @@ def _fsync_tree(folder: Path) -> None:
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (where the platform can open folders)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
+def _retire(folder: Path, suffix: str) -> Path:
+    """Rename ``folder`` to a ``.tmp-`` name: atomic, so it stops being a checkpoint at once (deleted next)."""
+    doomed = folder.with_name(f"{folder.name}.tmp-{suffix}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(folder, doomed)
+    return doomed
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename a damaged checkpoint to ``checkpoint-N.damaged`` (kept for inspection, never resumed or pruned)."""
+    target, number = folder.with_name(f"{folder.name}.damaged"), 1
+    while target.exists():
+        number += 1
+        target = folder.with_name(f"{folder.name}.damaged-{number}")
+    os.rename(folder, target)
+    return target
+
+
+def prune(root: Path, step: int, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints up to ``step``; older ones are deleted. Checkpoints after ``step`` (left
+    by a run that went further before it was resumed from an earlier one) are replaced when the run reaches them."""
+    older = [path for number, path in list_checkpoints(root) if number < step]
+    for path in older[:max(len(older) - (keep - 1), 0)]:
+        shutil.rmtree(_retire(path, "pruned"), ignore_errors=True)
+    _fsync_dir(root)
 
 
 def write_checkpoint(root: str | Path, state: TrainState, write_files: Callable[[Path], None],
@@ -160,9 +271,10 @@ def write_checkpoint(root: str | Path, state: TrainState, write_files: Callable[
     write_files(tmp)
     (tmp / STATE_FILE).write_text(json.dumps(state.to_json(), indent=2), encoding="utf-8")
     _fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
+    replaced = _retire(final, "replaced") if final.exists() else None  # left by a run resumed from before it
     os.rename(tmp, final)
-    for _, old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(root)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+    prune(root, state.step, keep)
     return final

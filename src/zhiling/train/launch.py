@@ -291,3 +291,52 @@ def torchrun_command(config: str, overrides: list[str], nproc: int, nnodes: int 
         command += [f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--master_addr={master_addr or '127.0.0.1'}",
                     f"--master_port={master_port or 29500}"]
     return command + ["-m", "zhiling", "train", config, *overrides, *(extra or [])]
+
+
+# ----- the launcher and its workers live and die together -------------------------------------------------------------
+def die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies (torchrun starts each worker in a session of
+    its own, so a kill of the launcher's process group would otherwise leave the workers training on). Elsewhere a
+    no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import os
+    import signal
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent or parent == 1:  # the parent died before the request took effect
+        os._exit(137)
+
+
+def run_torchrun(command: list[str]) -> int:
+    """Run torchrun until it ends and return its exit status.
+
+    torchrun runs in a process group of its own and dies with this process (``die_with_parent``; its workers die
+    with it), so ``kill -9`` of this process or of its process group leaves no worker behind. SIGINT (Ctrl-C) and
+    SIGTERM here are passed on once, as SIGTERM: torchrun sends it to the workers, which save a checkpoint at the
+    next step boundary and stop. A second signal kills torchrun at once.
+    """
+    import signal
+    import subprocess
+
+    process = subprocess.Popen(command, start_new_session=True, preexec_fn=die_with_parent)
+    received: list[int] = []
+
+    def forward(signum, frame) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            print(f"{signal.Signals(signum).name}: asking the workers to save a checkpoint and stop after this step "
+                  f"(send it again to stop at once)", file=sys.stderr, flush=True)
+            process.send_signal(signal.SIGTERM)
+        else:
+            process.kill()
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

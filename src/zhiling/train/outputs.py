@@ -8,7 +8,6 @@ folder always says which run it belongs to.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -22,6 +21,7 @@ from zhiling.config.training import stage_name_problem
 from zhiling.data.templates import save_template_record
 from zhiling.errors import ZhilingError
 from zhiling.owned import Mark, NotOwnedError, check_replaceable, record_file, remove_owned
+from zhiling.train.runlock import LOCK_FILE
 
 
 @dataclass
@@ -123,11 +123,11 @@ def claim_output_dir(folder: str | Path, identity: dict, overwrite: bool, resume
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ZhilingError(f"output.dir {folder} is a file, not a folder")
-    if not folder.exists() or not any(folder.iterdir()):
+    if not folder.exists() or not any(p.name != LOCK_FILE for p in folder.iterdir()):
         return OutputState(None, True)
     record = read_record(folder)
     if record is None:
-        entries = ", ".join(sorted(p.name for p in folder.iterdir())[:5])
+        entries = ", ".join(sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE)[:5])
         if not overwrite:
             raise ZhilingError(f"output.dir {folder} is not empty ({entries}) and holds no zhiling run; choose "
                                f"another output.dir (or set output.overwrite=true to write beside those files)")
@@ -156,28 +156,6 @@ def claim_output_dir(folder: str | Path, identity: dict, overwrite: bool, resume
     return OutputState(record, False)
 
 
-def config_hash(config: dict) -> str:
-    """A hash of the settings that decide a run's result (run-control keys such as resume or logging excluded)."""
-    skip = {"training": {"resume", "report_to", "logging_steps", "save_steps", "save_total_limit"},
-            "output": {"overwrite"}}
-    trimmed = {section: ({k: v for k, v in values.items() if k not in skip.get(section, ())}
-                         if isinstance(values, dict) else values)
-               for section, values in config.items() if section not in ("generation",)}
-    return hashlib.sha256(json.dumps(trimmed, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config dumps."""
-    changes = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes += changed_settings(a, b, f"{prefix}{key}.")
-        elif a != b:
-            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return changes
-
-
 def versions() -> dict:
     import importlib.metadata as metadata
 
@@ -197,7 +175,7 @@ def now() -> str:
 def save_final(model, tokenizer, template, folder: Path, is_adapter: bool) -> Path:
     """Write ``adapter/`` (PEFT) or ``model/`` (full weights) with the tokenizer and template, atomically."""
     final = folder / ("adapter" if is_adapter else "model")
-    tmp = folder / f".{final.name}.tmp-{os.getpid()}"
+    tmp = folder / f".{final.name}.tmp"  # one writer per folder (the run lock): a killed save's is replaced here
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     template.apply_to_tokenizer(tokenizer)

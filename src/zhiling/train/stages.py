@@ -16,6 +16,7 @@ from zhiling.config import ZhilingConfig
 from zhiling.config.loader import build_config
 from zhiling.train.methods import ADAPTER_METHODS
 from zhiling.train.outputs import claim_output_dir, now, read_record, write_record
+from zhiling.train.runlock import RunLock
 
 STAGE_SECTIONS = ("data", "training", "lora", "template")
 
@@ -59,6 +60,21 @@ def stages_identity(cfg: ZhilingConfig) -> dict:
 
 
 def run_stages(cfg: ZhilingConfig, *, show_progress: bool = True, summary: bool = True, announce=None):
+    """Every stage in turn, holding the root folder's run lock throughout (each stage also locks its own)."""
+    from accelerate import PartialState
+
+    lock = RunLock(cfg.output.dir)
+    if PartialState().is_main_process:
+        claim_output_dir(cfg.output.dir, stages_identity(cfg), cfg.output.overwrite, cfg.training.resume,
+                         check_only=True)  # refuse a folder that is not this run's before writing a lock into it
+        lock.acquire()
+    try:
+        return _run_stages(cfg, show_progress=show_progress, summary=summary, announce=announce)
+    finally:
+        lock.release()
+
+
+def _run_stages(cfg: ZhilingConfig, *, show_progress: bool, summary: bool, announce):
     from accelerate import PartialState
 
     from zhiling.train.progress import print_summary

@@ -28,9 +28,10 @@ from pathlib import Path
 from zhiling.config import ZhilingConfig
 from zhiling.data.templates import resolve_template
 from zhiling.data.tokenize import describe_report
-from zhiling.errors import ZhilingError
+from zhiling.errors import CheckpointError, RunStopped, ZhilingError
 from zhiling.models.loader import load_model, load_tokenizer, model_type_of, resolve_device, resolve_source
 from zhiling.train import checkpoint as ckpt
+from zhiling.train import fingerprint
 from zhiling.train.batches import Batching, choose_batching, count_labels, eval_micro_batches, to_device
 from zhiling.train.compile import maybe_compile
 from zhiling.train.data import TrainData, load_train_data
@@ -39,10 +40,11 @@ from zhiling.train.loss import CausalLMLoss
 from zhiling.train.methods import PreparedModel, method_quantization, prepare_model
 from zhiling.train.metrics_log import MetricsLog, Trackers, check_trackers, plot_loss
 from zhiling.train.optim import build_optimizer, build_scheduler, check_names
-from zhiling.train.outputs import (chat_command, claim_output_dir, changed_settings, config_hash, now, read_record,
-                                   save_final, versions, write_record)
+from zhiling.train.outputs import chat_command, claim_output_dir, now, read_record, save_final, versions, write_record
 from zhiling.train.packing import useful_tokens
 from zhiling.train.progress import RateMeter, TrainProgress, print_summary
+from zhiling.train.runlock import RunLock
+from zhiling.train.stopping import StopRequests
 
 
 @dataclass
@@ -109,6 +111,9 @@ class Trainer:
         self.show_progress = show_progress
         self.announce = announce
         self.out = Path(cfg.output.dir)
+        self.lock: RunLock | None = None
+        self.stop = StopRequests(self.say)
+        self.stop_votes = 0.0
 
     # ----- small helpers -------------------------------------------------------------------------------------------
     @property
@@ -163,6 +168,7 @@ class Trainer:
         self.quant = method_quantization(cfg)
         check_names(cfg.training)
         check_trackers(cfg.training.report_to)
+        self.accepted = fingerprint.accepted_changes(cfg.training.resume_changes)
         if cfg.training.init_adapter:
             if cfg.training.method not in ("lora", "dora", "rslora", "qlora"):
                 raise ZhilingError(f"training.init_adapter continues an adapter, but training.method is "
@@ -179,6 +185,9 @@ class Trainer:
         self.identity = {"model": model_id(cfg, self.source), "method": cfg.training.method}
         self.previous = None
         if self.main:
+            # refuse a folder that is not this run's before writing a lock into it; then claim it under the lock
+            claim_output_dir(self.out, self.identity, cfg.output.overwrite, cfg.training.resume, check_only=True)
+            self.lock = RunLock(self.out).acquire()
             state = claim_output_dir(self.out, self.identity, cfg.output.overwrite, cfg.training.resume)
             self.previous = None if state.fresh else state.record
         self.acc.wait_for_everyone()
@@ -201,7 +210,7 @@ class Trainer:
     def _already_finished(self) -> TrainResult | None:
         """The same run finished in this folder: nothing to do. A different finished run: refuse."""
         record = self.previous
-        self.run_hash = config_hash(self.cfg.model_dump(mode="json")) + ":" + self.data.key
+        self.run_hash = fingerprint.settings_hash(self.cfg.model_dump(mode="json")) + ":" + self.data.key
         if not record or record.get("status") != "finished":
             return None
         final_dir = self.out / ("adapter" if self.cfg.training.method in ("lora", "dora", "rslora", "qlora")
@@ -215,9 +224,9 @@ class Trainer:
                                metrics.get("train_seconds", 0.0), metrics.get("final_loss"),
                                metrics.get("final_eval_loss"), metrics.get("best_eval_loss"),
                                record.get("chat_command", ""), skipped=True)
-        changes = changed_settings(record.get("config", {}), self.cfg.model_dump(mode="json"))
-        changes = [c for c in changes if not c.startswith(("training.resume", "output.overwrite"))]
-        what = "; ".join(changes[:6]) if changes else "the training data changed"
+        changes = fingerprint.differences(fingerprint.result_settings(record.get("config", {})),
+                                          fingerprint.result_settings(self.cfg.model_dump(mode="json")))
+        what = fingerprint.describe(dict(list(changes.items())[:6])) if changes else "the training data changed"
         raise ZhilingError(f"output.dir {self.out} holds a finished run with different settings ({what}); choose "
                            f"another output.dir, set training.resume=false to train this one again from scratch, or "
                            f"output.overwrite=true")
@@ -263,12 +272,9 @@ class Trainer:
             eval_lengths = [int(n) for n in self.data.eval["length"]]
             self.eval_batches = eval_micro_batches(eval_lengths, self.batching, training.per_device_batch_size,
                                                    self.processes, self.rank)
-        self.fingerprint = {
-            "per_device_batch_size": training.per_device_batch_size,
-            "gradient_accumulation_steps": self.accum, "processes": self.processes, "data": self.data.key,
-            "packing": self.batching.packing, "packing_tokens": self.batching.packing_tokens,
-            "cutoff_len": cfg.data.cutoff_len, "seed": training.seed, "method": training.method,
-            "group_by_length": training.group_by_length}
+        self.fingerprint = fingerprint.build(cfg.model_dump(mode="json"), {
+            "processes": self.processes, "data": self.data.key, "packing": self.batching.packing,
+            "packing_tokens": self.batching.packing_tokens, "mixed_precision": str(self.acc.mixed_precision)})
         self.say(f"plan: {self.total_steps:,} steps ({self.steps_per_epoch:,} per epoch), {self.accum} micro-batch"
                  f"{'es' if self.accum > 1 else ''} per step per process, {self.processes} process"
                  f"{'es' if self.processes > 1 else ''}; {self.batching.note}")
@@ -282,7 +288,10 @@ class Trainer:
         self.loss_module, self.optimizer = self.acc.prepare(self.loss_fn, self.optimizer)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
-    def _find_resume_point(self) -> Path | None:
+    # ----- resume -----------------------------------------------------------------------------------------------------
+    def _find_resume_point(self) -> tuple[Path, ckpt.TrainState, dict] | None:
+        """The checkpoint to continue from, read and checked: the one training.resume names, or the newest complete
+        one (a damaged newest checkpoint is set aside, and the run falls back to the one before and says so)."""
         resume = self.cfg.training.resume
         root = self.out / "checkpoints"
         if self.main:
@@ -291,60 +300,131 @@ class Trainer:
         if resume is False:
             return None
         if isinstance(resume, str):
-            path = Path(resume)
-            ckpt.read_state(path)  # a clear error when it is not a complete checkpoint
-            return path
-        return ckpt.latest_checkpoint(root)
+            return self._open_checkpoint(Path(resume))  # no fallback: the user named this one
+        found = None
+        if self.main:
+            found = self._newest_usable(root)
+        self.acc.wait_for_everyone()  # rank 0 has set damaged checkpoints aside
+        if not self.main:
+            found = self._newest_usable(root)
+        return found
+
+    def _newest_usable(self, root: Path) -> tuple[Path, ckpt.TrainState, dict] | None:
+        damaged = []
+        for _, path in reversed(ckpt.list_checkpoints(root)):
+            try:
+                return self._open_checkpoint(path)
+            except ckpt.DamagedCheckpoint as exc:
+                damaged.append(path.name)
+                if self.main:
+                    aside = ckpt.set_aside(path)
+                    self.say(f"{path.name} is damaged ({exc}); set aside as {aside.name}, falling back to the "
+                             f"previous checkpoint")
+        if damaged:
+            raise CheckpointError(f"no usable checkpoint under {root}: every one is damaged ({', '.join(damaged)}, "
+                                  f"set aside as .damaged); set training.resume=false to start the run over")
+        return None
+
+    def _open_checkpoint(self, path: Path) -> tuple[Path, ckpt.TrainState, dict]:
+        """Read a checkpoint without applying it: state, fingerprint check, then its files (no pickle)."""
+        saved = ckpt.read_state(path)
+        self._check_fingerprint(path, saved)
+        ckpt.check_complete(path, self.sharded, self.prepared.is_adapter)
+        files = {}
+        if not self.sharded:
+            weights = (path / "adapter" / "adapter_model.safetensors" if self.prepared.is_adapter
+                       else path / "trainable.safetensors")
+            files["weights"] = ckpt.load_safetensors(weights)
+            # on the CPU: load_state_dict moves each state to its parameter's device (DDP on CPU says "cpu:0",
+            # which torch.load cannot map)
+            files["optimizer"] = ckpt.load_torch(path / "optimizer.pt", map_location="cpu")
+        files["scheduler"] = ckpt.load_torch(path / "scheduler.pt")
+        files["rng"] = ckpt.load_torch(path / "rng.pt")
+        if not isinstance(files["rng"], list) or len(files["rng"]) != self.processes:
+            raise ckpt.DamagedCheckpoint(f"{path / 'rng.pt'}: not the generator states of {self.processes} "
+                                         f"process{'es' if self.processes > 1 else ''}")
+        return path, saved, files
+
+    def _check_fingerprint(self, path: Path, saved: ckpt.TrainState) -> None:
+        """Refuse a checkpoint whose settings differ, unless every difference is accepted (training.resume_changes)."""
+        if saved.fingerprint.get("version") != fingerprint.FINGERPRINT_VERSION:
+            raise CheckpointError(f"cannot resume from {path}: it was written by an older zhiling, whose checkpoints "
+                                  f"do not record every setting of the run; finish it with that version, or set "
+                                  f"training.resume=false to start over")
+        changes = fingerprint.differences(saved.fingerprint, self.fingerprint)
+        refused = {key: value for key, value in changes.items() if key not in self.accepted}
+        if refused:
+            allowed = [key.split(".", 1)[1] for key in refused if key in fingerprint.RESUMABLE]
+            hint = (f"; or continue with the new values from step {saved.step} on: "
+                    f"training.resume_changes=[{', '.join(allowed)}]" if len(allowed) == len(refused) else "")
+            raise CheckpointError(f"cannot resume from {path}: settings differ from the checkpoint's: "
+                                  f"{fingerprint.describe(refused)}. Set them back, or set training.resume=false to "
+                                  f"start this run over (or choose another output.dir){hint}")
+        self.applied_changes = changes
 
     def _resume(self) -> None:
-        import torch
-
         self.state = ckpt.TrainState(fingerprint=self.fingerprint)
         self.resumed_from = None
         self.rng_to_restore = None
-        path = self._find_resume_point()
+        self.applied_changes = {}
+        self.resumes = list((self.previous or {}).get("resumes", []))
+        found = self._find_resume_point()
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
-        if path is None:
+        if found is None:
             if self.main:
                 (self.out / "metrics.jsonl").write_text("", encoding="utf-8")
             return
-        saved = ckpt.read_state(path)
-        changes = ckpt.fingerprint_changes(saved.fingerprint, self.fingerprint)
-        if changes:
-            raise ZhilingError(f"cannot resume from {path}: " + "; ".join(changes) + ". Set training.resume=false to "
-                               "start this run over, or choose another output.dir")
+        path, saved, files = found
+        fresh_groups = [{key: value for key, value in group.items() if key != "params"}
+                        for group in self.optimizer.param_groups]
         if self.sharded:
             self.acc.load_state(str(path / "engine"))
         else:
-            self._load_weights(path)
-            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.acc.device,
-                                                      weights_only=False))
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+            self._load_weights(path, files["weights"])
+            try:
+                self.optimizer.load_state_dict(files["optimizer"])
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise CheckpointError(f"{path / 'optimizer.pt'}: does not fit this run's optimizer ({exc})") from None
+        if self.applied_changes:
+            self._apply_changes(fresh_groups, saved.step)
+            self.resumes.append({"from": str(path), "step": saved.step,
+                                 "changed": {key: list(value) for key, value in self.applied_changes.items()}})
+        else:
+            self.scheduler.load_state_dict(files["scheduler"])
         self.state = saved
         self.state.fingerprint = self.fingerprint
-        self.rng_to_restore = torch.load(path / "rng.pt", weights_only=False)
+        self.rng_to_restore = files["rng"]
         self.resumed_from = str(path)
         if self.main:
             self.metrics.keep_until(saved.step)
-        self.say(f"resuming from {path} (step {saved.step:,} of {self.total_steps:,}); training.resume=false starts "
-                 f"over")
+        changed = (f" with {fingerprint.describe(self.applied_changes)} from here on" if self.applied_changes
+                   else "")
+        self.say(f"resuming from {path} (step {saved.step:,} of {self.total_steps:,}){changed}; "
+                 f"training.resume=false starts over")
 
-    def _load_weights(self, path: Path) -> None:
-        from safetensors.torch import load_file
+    def _apply_changes(self, fresh_groups: list[dict], step: int) -> None:
+        """training.resume_changes: the optimizer's hyperparameters as this run's config sets them (loading the
+        optimizer state brought back the old ones), and the schedule built from the new settings, advanced to
+        ``step``, so the learning rate from the next step on is the new schedule's."""
+        for group, fresh in zip(self.optimizer.param_groups, fresh_groups):
+            group.update(fresh)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": no step is taken here
+            for _ in range(step):
+                self.scheduler.step()
 
+    def _load_weights(self, path: Path, weights: dict) -> None:
+        hint = ("Was it written with another model, method, lora.rank or lora.target_modules? Resume it with those "
+                "settings, or set training.resume=false to start over")
         if self.prepared.is_adapter:
-            from peft import set_peft_model_state_dict
+            from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-            weights = load_file(str(path / "adapter" / "adapter_model.safetensors"), device=str(self.acc.device))
-            result = set_peft_model_state_dict(self.model, weights)
-            unexpected = getattr(result, "unexpected_keys", [])
-            if unexpected:
-                raise ZhilingError(f"{path}: the checkpoint's adapter does not fit this model ({unexpected[0]} ...)")
+            expected = {name: tuple(t.shape) for name, t in get_peft_model_state_dict(self.model).items()}
+            ckpt.check_fit(path / "adapter" / "adapter_model.safetensors", weights, expected, hint)
+            set_peft_model_state_dict(self.model, weights)
         else:
-            weights = load_file(str(path / "trainable.safetensors"), device=str(self.acc.device))
-            missing = [name for name, p in self.model.named_parameters() if p.requires_grad and name not in weights]
-            if missing:
-                raise ZhilingError(f"{path}: the checkpoint lacks trained weights such as {missing[0]}")
+            expected = {name: tuple(p.shape) for name, p in self.model.named_parameters() if p.requires_grad}
+            ckpt.check_fit(path / "trainable.safetensors", weights, expected, hint)
             self.model.load_state_dict(weights, strict=False)
 
     # ----- 5. the loop -----------------------------------------------------------------------------------------------
@@ -378,7 +458,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        total_loss, tokens = self._sum_across([loss_sum, local_tokens])
+        # the stop requests ride along with the step's last reduction, so every process stops at the same step
+        total_loss, tokens, self.stop_votes = self._sum_across([loss_sum, local_tokens, float(self.stop.requested)])
         grad_norm = float(norm) if norm is not None else float("nan")
         return total_loss / max(labels, 1.0), grad_norm, int(tokens), int(labels)
 
@@ -497,13 +578,27 @@ class Trainer:
                     now_time = time.perf_counter()
                     state.train_seconds += now_time - started
                     started = now_time
-                    if state.step % training.save_steps == 0 and state.step < self.total_steps:
+                    saving = state.step % training.save_steps == 0 and state.step < self.total_steps
+                    if saving:
                         self._save_checkpoint()
+                    if self.stop_votes and state.step < self.total_steps:
+                        self._stop(saved=saving)
                 if state.step_in_epoch >= steps_here:
                     state.epoch += 1
                     state.step_in_epoch = 0
         finally:
             progress.close()
+
+    def _stop(self, saved: bool) -> None:
+        """A stop was requested (SIGTERM / Ctrl-C on some process): checkpoint this step, then end the run."""
+        import signal
+
+        if not saved:
+            self._save_checkpoint()
+        signum = self.stop.signum or signal.SIGTERM  # another process got the signal
+        raise RunStopped(f"stopped by {signal.Signals(signum).name} after step {self.state.step:,} of "
+                         f"{self.total_steps:,}; the checkpoint is {self.out / 'checkpoints'}/checkpoint-"
+                         f"{self.state.step}. Run the same command to continue", exit_code=128 + int(signum))
 
     # ----- 6. outputs ------------------------------------------------------------------------------------------------
     def _record(self, status: str, **extra) -> dict:
@@ -513,6 +608,8 @@ class Trainer:
                            "tokenized": self.data.report, "key": self.data.key,
                            "train_rows": self.data.train_rows, "eval_rows": self.data.eval_rows},
                   "versions": versions(), "started_at": self.started_at}
+        if self.resumes:
+            record["resumes"] = self.resumes  # settings changed on resume (training.resume_changes), and where
         record.update(extra)
         return record
 
@@ -543,7 +640,11 @@ class Trainer:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            return self._run()
+            try:
+                return self._run()
+            finally:
+                if self.lock is not None:
+                    self.lock.release()
 
     def _run(self) -> TrainResult:
         self._check()
@@ -573,7 +674,8 @@ class Trainer:
                                     self.cfg.model_dump(mode="json"))
                 self.metrics.trackers = trackers
         try:
-            self._loop()
+            with self.stop:
+                self._loop()
             return self._finish()
         finally:
             if trackers is not None:
