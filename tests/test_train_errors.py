@@ -141,6 +141,8 @@ def test_stage_with_an_unknown_key():
     with pytest.raises(ConfigError, match=r"stage 'b': unknown key 'training.max_step'; did you mean "
                                           r"'training.max_steps'"):
         build_config({"stages": [{"name": "a"}, {"name": "b", "training": {"max_step": 3}}]})
+    with pytest.raises(ConfigError, match=r"stage 'b': unknown key 'lora.zzz'; valid keys: .*rank"):
+        build_config({"stages": [{"name": "a"}, {"name": "b", "lora": {"zzz": 3}}]})  # nothing close: the keys listed
     with pytest.raises(ConfigError, match=r"init_adapter is set by the stage order"):
         build_config({"stages": [{"name": "a", "training": {"init_adapter": "x"}}]})
 

@@ -6,6 +6,7 @@ from pydantic import Field, field_validator, model_validator
 
 from zhiling.config.base import Section
 from zhiling.config.output import RUN_ENTRIES
+from zhiling.names import suggestion
 from zhiling.owned import plain_name_problem
 
 
@@ -113,10 +114,7 @@ class StageConfig(Section):
             fields = owners[section].model_fields
             for key in getattr(self, section):
                 if key not in fields:
-                    import difflib
-
-                    close = difflib.get_close_matches(key, list(fields), n=1)
-                    hint = f"; did you mean '{section}.{close[0]}'?" if close else ""
+                    hint = suggestion(key, fields, prefix=f"{section}.", otherwise="valid keys")
                     raise ValueError(f"stage '{self.name}': unknown key '{section}.{key}'{hint}")
         if "init_adapter" in self.training:
             raise ValueError(f"stage '{self.name}': training.init_adapter is set by the stage order "

@@ -12,7 +12,6 @@ training section, so the two files can never disagree silently.
 from __future__ import annotations
 
 import copy
-import difflib
 import importlib.util
 import json
 import sys
@@ -24,6 +23,7 @@ import yaml
 
 from zhiling.config import TrainingConfig
 from zhiling.errors import ConfigError, ZhilingError
+from zhiling.names import suggestion
 
 
 @dataclass
@@ -130,9 +130,7 @@ _STATE_DICT_TYPES = ("FULL_STATE_DICT", "SHARDED_STATE_DICT", "LOCAL_STATE_DICT"
 
 
 def _unknown(key: str, known, where: str, section: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(known), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(known))}"
-    return ConfigError(f"{where}: unknown key '{section}{key}'{hint}")
+    return ConfigError(f"{where}: unknown key '{section}{key}'{suggestion(key, sorted(known), otherwise='known keys')}")
 
 
 def _check_mapping(value, where: str, name: str) -> dict:

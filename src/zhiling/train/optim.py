@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
 import math
 
 from zhiling.config import TrainingConfig
 from zhiling.errors import ConfigError, ZhilingError
+from zhiling.names import unknown_name
 
 OPTIMIZERS = ("adamw_torch", "adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -14,9 +14,7 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 
 
 def _unknown(kind: str, name: str, known: tuple[str, ...]) -> ConfigError:
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"training.{kind}: unknown name '{name}'{hint} (known: {', '.join(known)})")
+    return ConfigError(f"training.{kind}: {unknown_name('name', name, known)}")
 
 
 def check_names(training: TrainingConfig) -> None:

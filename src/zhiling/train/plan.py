@@ -15,6 +15,7 @@ from pathlib import Path
 
 from zhiling.config import ZhilingConfig
 from zhiling.data.templates import resolve_template
+from zhiling.data.tokenize import IGNORE_INDEX
 from zhiling.errors import ZhilingError
 from zhiling.models.loader import (check_adapter_matches, load_tokenizer, model_type_of, resolve_device,
                                    resolve_dtype, resolve_source)
@@ -186,7 +187,7 @@ def plan_run(cfg: ZhilingConfig, name: str = "run", check_output: bool = True, p
 def _label_counts(dataset):
     for batch in dataset.select_columns(["labels"]).iter(batch_size=2000):
         for row in batch["labels"]:
-            yield sum(1 for token in row if token != -100)
+            yield sum(1 for token in row if token != IGNORE_INDEX)
 
 
 def plan(cfg: ZhilingConfig, processes: int = 1) -> list[RunPlan]:
