@@ -361,7 +361,7 @@ def test_plain_http_to_another_host_is_warned(tmp_path, monkeypatch, capsys):
     with JudgeServer(_fives) as server:
         assert _judge_cli(tmp_path, server.url, "--api-key-env", "JUDGE_KEY", "-o", str(tmp_path / "a")) == 0
         assert "unencrypted" not in capsys.readouterr().err
-        monkeypatch.setattr(endpoint, "is_loopback", lambda host: False)  # as if the server were on another host
+        monkeypatch.setattr(endpoint, "is_loopback_host", lambda host: False)  # as if the server were on another host
         assert _judge_cli(tmp_path, server.url, "--api-key-env", "JUDGE_KEY", "-o", str(tmp_path / "b")) == 0
         assert "the API key, prompts and answers cross the network unencrypted" in capsys.readouterr().err
 

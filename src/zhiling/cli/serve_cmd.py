@@ -27,7 +27,7 @@ def _check_port(port: int) -> None:
 
 def _check_exposure(host: str, secret: bool, allowed: bool, secret_flag: str, allow_flag: str) -> None:
     """A non-loopback address without a secret opens the model to the network: refused unless asked for."""
-    from zhiling.serve.guards import is_loopback_host
+    from zhiling.hosts import is_loopback_host
 
     if not secret and not allowed and not is_loopback_host(host):
         raise ZhilingError(f"--host {host} lets other machines reach the model, and no {secret_flag} is set: set "

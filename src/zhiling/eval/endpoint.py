@@ -9,11 +9,12 @@ folders, caches and messages without their credentials (``user:password@``, ``?a
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from typing import Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from zhiling.hosts import is_loopback_host
 
 OFFICIAL_HOST = "api.openai.com"
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
@@ -33,17 +34,6 @@ def is_official_openai(url: str) -> bool:
         return False
     return (parts.scheme.lower() == "https" and (parts.hostname or "") == OFFICIAL_HOST and port in (None, 443)
             and parts.username is None and parts.password is None)
-
-
-def is_loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def redact_url(url: str) -> str:
@@ -67,7 +57,7 @@ def endpoint_id(url: str) -> str:
 def plain_http_warning(url: str, sends_key: bool) -> str | None:
     """A warning when requests to ``url`` would cross the network unencrypted (http to a non-loopback host)."""
     parts = urlsplit(url)
-    if parts.scheme.lower() != "http" or is_loopback(parts.hostname):
+    if parts.scheme.lower() != "http" or is_loopback_host(parts.hostname):
         return None
     what = "the API key, prompts and answers" if sends_key else "prompts and answers"
     return (f"{redact_url(url)} is plain http to another host: {what} cross the network unencrypted "

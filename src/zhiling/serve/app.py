@@ -35,7 +35,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from zhiling.config import GenerationConfig
 from zhiling.errors import ZhilingError
 from zhiling.infer.engine import FINISH_CANCELLED, ChatRequest, Engine, PromptTooLongError, Result, TextPrompt
-from zhiling.serve.guards import RequestGuard, is_loopback_host, key_matches
+from zhiling.hosts import is_loopback_host
+from zhiling.serve.guards import RequestGuard, key_matches
 from zhiling.serve.scheduler import QueueFull, Scheduler, ShuttingDown
 from zhiling.serve.schemas import ApiError, ChatCompletionRequest, CompletionRequest
 from zhiling.serve.streaming import AsyncTextStream

@@ -8,23 +8,11 @@ Refusals are answered in the OpenAI error shape ``{"error": {"message", "type", 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 from typing import Any
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for an address only this machine can reach: ``localhost``, ``127.0.0.0/8``, ``::1``."""
-    name = host.strip().strip("[]").lower()
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def host_name(header: str) -> str:
