@@ -9,7 +9,7 @@ Three ways, each in its own process (so peak memory is measured per way):
   (a) plain:   transformers Trainer + peft LoRA, every row padded to cutoff_len (the recipe of the well-known Chinese
                LoRA projects), logits and cross-entropy at every position;
   (b) dynamic: the same with padding to the longest row of each batch (alpaca-lora: DataCollatorForSeq2Seq);
-  (c) zhiling: padding-free packing + logits only where labels exist, through ``zhiling.train.trainer.train``.
+  (c) zhiling: padding-free packing + logits only where labels exist, through ``zhiling.train.run.train``.
 The rows are alpaca-like, generated here (median about 60 tokens, a long tail to 500), and tokenized once with
 zhiling's template and cutting rule (``zhiling.data.tokenize``); every way trains on exactly these token ids.
 Useful tokens are the non-padding tokens (prompt and answer). Time is the training loop only (model loading and
@@ -288,7 +288,7 @@ def run_trainer_way(settings: dict, rows: list[dict], pad_to_cutoff: bool) -> di
 def run_zhiling_way(settings: dict, records: list[dict]) -> dict:
     """(c) through zhiling's own training function, when it exists; else through the components directly."""
     try:
-        from zhiling.train.trainer import train
+        from zhiling.train.run import train
     except ImportError:
         return run_own_loop(settings, records)
     from zhiling.config import ZhilingConfig
@@ -329,7 +329,7 @@ def run_zhiling_way(settings: dict, records: list[dict]) -> dict:
     result = train(cfg, show_progress=False, summary=False, announce=lambda message: None)
     out = {"seconds": result.train_seconds, "cpu_seconds": cpu.get("seconds"), "useful_tokens": result.tokens,
            "positions": result.tokens, "steps": result.steps,
-           "code_path": "zhiling.train.trainer.train (the real training loop)"}
+           "code_path": "zhiling.train.run.train (the real training loop)"}
     if settings["eval"]:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM

@@ -95,7 +95,7 @@ def test_training_compile_key_trains_like_uncompiled(tmp_path, tiny_model_dir):
 
     from train_support import tiny_config, write_data
     from zhiling.config import build_config
-    from zhiling.train.trainer import train
+    from zhiling.train.run import train
 
     data = write_data(tmp_path / "data.jsonl", rows=16)
     losses = {}

@@ -11,7 +11,8 @@ from train_support import interrupt_after_checkpoint, metric_rows, tiny_config, 
 from zhiling.config import ZhilingConfig
 from zhiling.config.loader import build_config
 from zhiling.errors import ZhilingError
-from zhiling.train.trainer import Trainer, train
+from zhiling.train.run import train
+from zhiling.train.trainer import Trainer
 
 
 def _tree(model, data, out, tmp, **training):

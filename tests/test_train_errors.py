@@ -11,7 +11,7 @@ from zhiling.cli import main
 from zhiling.config.loader import build_config
 from zhiling.errors import ConfigError, DataError, ZhilingError
 from zhiling.train import trainer as trainer_module
-from zhiling.train.trainer import train
+from zhiling.train.run import train
 
 
 @pytest.fixture()

@@ -11,7 +11,7 @@ from zhiling.config import ZhilingConfig
 from zhiling.config.loader import build_config
 from zhiling.errors import ConfigError, ZhilingError
 from zhiling.train.methods import linear_layer_names, method_quantization, prepare_model, resolve_target_modules
-from zhiling.train.trainer import train
+from zhiling.train.run import train
 
 FAMILIES = ["llama", "qwen2", "gemma3", "bloom", "glm", "baichuan"]
 ATTENTION = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],

@@ -18,7 +18,7 @@ from train_support import assert_same_run, interrupt_after_checkpoint, metric_ro
 from zhiling.config.loader import build_config
 from zhiling.errors import ZhilingError
 from zhiling.train.checkpoint import list_checkpoints
-from zhiling.train.trainer import train
+from zhiling.train.run import train
 
 # Runs ``zhiling train`` with faults chosen by environment variables: STEP_DELAY slows every step (so the test can
 # kill it at a known point); SAVE_MARKER stops a checkpoint save just before its rename; PRUNE_MARKER stops the

@@ -10,7 +10,7 @@ from train_support import tiny_config, write_data
 from zhiling.cli import main
 from zhiling.config.loader import build_config
 from zhiling.train import trainer as trainer_module
-from zhiling.train.trainer import train
+from zhiling.train.run import train
 
 
 def _train(tree):

@@ -75,7 +75,7 @@ def interrupt_after_checkpoint(tree: dict, count: int = 1) -> None:
 
     from zhiling.config.loader import build_config
     from zhiling.train import trainer
-    from zhiling.train.trainer import train
+    from zhiling.train.run import train
 
     original = trainer.Trainer._save_checkpoint
     saves = []

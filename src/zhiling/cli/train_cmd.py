@@ -48,7 +48,7 @@ def _train(args) -> int:
         from zhiling.train.launch import die_with_parent
 
         die_with_parent()  # torchrun starts workers in sessions of their own: without this they outlive a kill
-    from zhiling.train.trainer import train
+    from zhiling.train.run import train
 
     train(cfg)
     return 0

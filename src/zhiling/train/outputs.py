@@ -16,12 +16,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from zhiling.config import ZhilingConfig
 from zhiling.config.output import RUN_ENTRIES, RUN_FILE
 from zhiling.config.training import stage_name_problem
 from zhiling.data.templates import save_template_record
 from zhiling.errors import ZhilingError
 from zhiling.owned import Mark, NotOwnedError, check_replaceable, record_file, remove_owned
 from zhiling.train.runlock import LOCK_FILE
+
+
+def model_id(cfg: ZhilingConfig, source) -> str:
+    """How the run names its base model (local paths made absolute, so the chat command works from anywhere)."""
+    name = cfg.model.name_or_path
+    if not name or name == "default":
+        return "default"
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
 
 
 @dataclass

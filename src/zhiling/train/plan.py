@@ -24,8 +24,9 @@ from zhiling.train.data import load_train_data
 from zhiling.train.launch import load_distributed_config
 from zhiling.train.methods import method_quantization, prepare_model
 from zhiling.train.optim import check_names
-from zhiling.train.outputs import claim_output_dir
+from zhiling.train.outputs import claim_output_dir, model_id
 from zhiling.train.packing import LengthGroupedBatchSampler, PackedBatchSampler
+from zhiling.train.stages import stage_configs
 
 
 @dataclass
@@ -144,8 +145,6 @@ def plan_run(cfg: ZhilingConfig, name: str = "run", check_output: bool = True, p
     check_names(training)
     source = resolve_source(cfg.model)
     if check_output:
-        from zhiling.train.trainer import model_id
-
         claim_output_dir(Path(cfg.output.dir), {"model": model_id(cfg, source), "method": training.method},
                          cfg.output.overwrite, cfg.training.resume, check_only=True)
     tokenizer = load_tokenizer(cfg.model, source)
@@ -194,8 +193,6 @@ def plan(cfg: ZhilingConfig, processes: int = 1) -> list[RunPlan]:
     """Plans of every stage (or of the single run), for ``processes`` training processes in all."""
     if not cfg.stages:
         return [plan_run(cfg, processes=processes)]
-    from zhiling.train.stages import stage_configs
-
     plans = []
     for name, stage_cfg in stage_configs(cfg):
         adapter = stage_cfg.training.init_adapter

@@ -15,8 +15,11 @@ from pathlib import Path
 from zhiling.config import ZhilingConfig
 from zhiling.config.loader import build_config
 from zhiling.train.methods import ADAPTER_METHODS
-from zhiling.train.outputs import claim_output_dir, now, read_record, write_record
+from zhiling.models.loader import resolve_source
+from zhiling.train.outputs import claim_output_dir, model_id, now, read_record, write_record
+from zhiling.train.progress import print_summary
 from zhiling.train.runlock import RunLock
+from zhiling.train.trainer import Trainer
 
 STAGE_SECTIONS = ("data", "training", "lora", "template")
 
@@ -52,9 +55,6 @@ def stage_configs(cfg: ZhilingConfig) -> list[tuple[str, ZhilingConfig]]:
 
 
 def stages_identity(cfg: ZhilingConfig) -> dict:
-    from zhiling.train.trainer import model_id
-    from zhiling.models.loader import resolve_source
-
     return {"model": model_id(cfg, resolve_source(cfg.model)), "method": cfg.training.method,
             "stages": [stage.name for stage in cfg.stages]}
 
@@ -76,9 +76,6 @@ def run_stages(cfg: ZhilingConfig, *, show_progress: bool = True, summary: bool 
 
 def _run_stages(cfg: ZhilingConfig, *, show_progress: bool, summary: bool, announce):
     from accelerate import PartialState
-
-    from zhiling.train.progress import print_summary
-    from zhiling.train.trainer import Trainer
 
     configs = stage_configs(cfg)
     out = Path(cfg.output.dir)

@@ -40,9 +40,10 @@ from zhiling.train.loss import CausalLMLoss
 from zhiling.train.methods import PreparedModel, method_quantization, prepare_model
 from zhiling.train.metrics_log import MetricsLog, Trackers, check_trackers, plot_loss
 from zhiling.train.optim import build_optimizer, build_scheduler, check_names
-from zhiling.train.outputs import chat_command, claim_output_dir, now, read_record, save_final, versions, write_record
+from zhiling.train.outputs import (chat_command, claim_output_dir, model_id, now, read_record, save_final, versions,
+                                   write_record)
 from zhiling.train.packing import useful_tokens
-from zhiling.train.progress import RateMeter, TrainProgress, print_summary
+from zhiling.train.progress import RateMeter, TrainProgress
 from zhiling.train.runlock import RunLock
 from zhiling.train.stopping import StopRequests
 
@@ -93,15 +94,6 @@ def mixed_precision(precision: str, device: str, setup: DistributedSetup | None)
 
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "no"
-
-
-def model_id(cfg: ZhilingConfig, source) -> str:
-    """How the run names its base model (local paths made absolute, so the chat command works from anywhere)."""
-    name = cfg.model.name_or_path
-    if not name or name == "default":
-        return "default"
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.exists() else name
 
 
 class Trainer:
@@ -695,16 +687,3 @@ def _with_state_dict(save, state_dict):
         return save(*args, **kwargs)
 
     return save_with
-
-
-def train(cfg: ZhilingConfig, *, show_progress: bool = True, summary: bool = True, announce=None) -> TrainResult:
-    """Train as the config says (a single run, or each stage in turn) and print the summary."""
-    if cfg.stages:
-        from zhiling.train.stages import run_stages
-
-        return run_stages(cfg, show_progress=show_progress, summary=summary, announce=announce)
-    trainer = Trainer(cfg, show_progress=show_progress, announce=announce)
-    result = trainer.run()
-    if summary and trainer.main:
-        print_summary(result)
-    return result
