@@ -445,8 +445,8 @@ def jinja_string(text: str) -> str:
 
     Only backslash, double quote, newline, carriage return and tab are escaped (Jinja, llama.cpp's Jinja and
     transformers agree on those); other characters, Chinese and emoji included, are written as they are (a
-    ``\\u`` escape with four hex digits is read differently by different engines). A delimiter such as ``}}`` or ``{%`` is cut into
-    two concatenated strings, so that no engine can take it for the end or start of a tag."""
+    ``\\u`` escape with four hex digits is read differently by different engines). A delimiter such as ``}}`` or
+    ``{%`` is cut into two concatenated strings, so that no engine can take it for the end or start of a tag."""
     pieces = _JINJA_DELIMITERS.split(text)
     quoted = ['"' + "".join(_JINJA_ESCAPES.get(ch, ch) for ch in piece) + '"' for piece in pieces]
     return quoted[0] if len(quoted) == 1 else "(" + " + ".join(quoted) + ")"
