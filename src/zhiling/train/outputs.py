@@ -133,11 +133,12 @@ def claim_output_dir(folder: str | Path, identity: dict, overwrite: bool, resume
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ZhilingError(f"output.dir {folder} is a file, not a folder")
-    if not folder.exists() or not any(p.name != LOCK_FILE for p in folder.iterdir()):
+    present = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE) if folder.exists() else []
+    if not present:  # absent, empty, or only the run lock this run holds
         return OutputState(None, True)
     record = read_record(folder)
     if record is None:
-        entries = ", ".join(sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE)[:5])
+        entries = ", ".join(present[:5])
         if not overwrite:
             raise ZhilingError(f"output.dir {folder} is not empty ({entries}) and holds no zhiling run; choose "
                                f"another output.dir (or set output.overwrite=true to write beside those files)")
