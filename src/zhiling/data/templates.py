@@ -702,16 +702,19 @@ def recorded_template(folder: str | Path | None):
 
 
 def resolve_template(name: str | None, tokenizer, model_type: str | None, *, adapter: str | Path | None = None,
-                     model_dir: str | Path | None = None, system: str | None = None):
-    """The template for inference: an explicit name wins; else the one recorded with the adapter or merged model;
-    else the model's own chat template or family default (as in training). Returns (template, where it came from)."""
+                     model_dir: str | Path | None = None, system: str | None = None,
+                     recorded: tuple = ()):
+    """The template for a model, the same way for training and inference: an explicit name wins; else one recorded
+    with the adapter, then with the model folder (or given in ``recorded`` as (template, where) pairs, such as a GGUF
+    file's record); else the model's own chat template or family default. Returns (template, where it came from)."""
     if name is not None:
         return get_template(name, tokenizer, model_type, system), f"template '{name}' (given)"
-    for folder, what in ((adapter, "adapter"), (model_dir, "model")):
-        template = recorded_template(folder)
+    candidates = [(recorded_template(folder), f"recorded with the {what}")
+                  for folder, what in ((adapter, "adapter"), (model_dir, "model"))]
+    for template, where in [*candidates, *recorded]:
         if template is not None:
             if system is not None:
                 template = replace(template, default_system=system)
-            return template, f"template '{template.name}' recorded with the {what}"
+            return template, f"template '{template.name}' {where}"
     template = get_template(None, tokenizer, model_type, system)
     return template, f"template '{template.name}' (default for this model)"
