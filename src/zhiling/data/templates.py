@@ -705,8 +705,11 @@ def resolve_template(name: str | None, tokenizer, model_type: str | None, *, ada
                      model_dir: str | Path | None = None, system: str | None = None,
                      recorded: tuple = ()):
     """The template for a model, the same way for training and inference: an explicit name wins; else one recorded
-    with the adapter, then with the model folder (or given in ``recorded`` as (template, where) pairs, such as a GGUF
-    file's record); else the model's own chat template or family default. Returns (template, where it came from)."""
+    with the adapter, then with the model folder, then those given in ``recorded`` as (template or None, where)
+    pairs (such as a GGUF file's record); else the model's own chat template or family default. ``system`` replaces
+    the chosen template's default system prompt. Returns (template, where it came from).
+
+    Entry points call this through ``models.chat_setup.resolve_chat_setup``, which also loads the tokenizer."""
     if name is not None:
         return get_template(name, tokenizer, model_type, system), f"template '{name}' (given)"
     candidates = [(recorded_template(folder), f"recorded with the {what}")
@@ -717,4 +720,10 @@ def resolve_template(name: str | None, tokenizer, model_type: str | None, *, ada
                 template = replace(template, default_system=system)
             return template, f"template '{template.name}' {where}"
     template = get_template(None, tokenizer, model_type, system)
-    return template, f"template '{template.name}' (default for this model)"
+    if isinstance(template, TokenizerTemplate):
+        why = "its own chat template"
+    elif model_type in FAMILY_TEMPLATES:
+        why = f"the family default for {model_type}"
+    else:
+        why = f"no chat template, and no family default for {model_type or 'an unknown model type'}"
+    return template, f"template '{template.name}' (default for this model: {why})"

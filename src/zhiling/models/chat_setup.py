@@ -16,9 +16,10 @@ from zhiling.config import ModelConfig
 from zhiling.data.templates import resolve_template
 from zhiling.models.loader import ModelSource, load_tokenizer, model_type_of, resolve_source
 
-# Files whose presence means training saved a tokenizer beside the adapter (it may carry added tokens or the
-# template written into its chat template).
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+# The file whose presence means training saved a tokenizer beside the adapter (it may carry added tokens or the
+# template written into its chat template). A stray tokenizer.json or tokenizer.model alone is not one: without
+# tokenizer_config.json, transformers loads it without its special tokens (no EOS, no pad).
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class ChatSetup:
 
 
 def adapter_has_tokenizer(adapter: str | Path | None) -> bool:
-    return adapter is not None and any((Path(adapter) / name).is_file() for name in TOKENIZER_FILES)
+    return adapter is not None and (Path(adapter) / TOKENIZER_CONFIG).is_file()
 
 
 def resolve_chat_setup(model_cfg: ModelConfig, template: str | None = None, *, adapter: str | Path | None = None,
@@ -42,15 +43,16 @@ def resolve_chat_setup(model_cfg: ModelConfig, template: str | None = None, *, a
 
     The tokenizer is the adapter's own when training saved one beside it, else the model's. The template is
     ``template`` when named; else the one recorded with the adapter, then with a local model folder (a merged model);
-    else the model's own chat template or its family default (``data.templates.resolve_template``).
-    ``trust_remote_code`` and ``revision`` come from ``model_cfg`` for every load."""
+    else the model's own chat template or its family default (``data.templates.resolve_template``). ``system``
+    replaces the chosen template's default system prompt. ``trust_remote_code`` and ``revision`` come from
+    ``model_cfg`` for every load (the revision applies to a hub model only). ``source`` skips resolving the model
+    again when the caller already has it."""
     source = source or resolve_source(model_cfg)
     if adapter_has_tokenizer(adapter):
-        tokenizer_cfg = ModelConfig(name_or_path=str(adapter), trust_remote_code=model_cfg.trust_remote_code)
-        tokenizer = load_tokenizer(tokenizer_cfg, ModelSource(str(adapter), "folder", str(adapter)))
+        tokenizer = load_tokenizer(model_cfg, ModelSource(str(adapter), "folder", str(adapter)))
     else:
         tokenizer = load_tokenizer(model_cfg, source)
-    model_type = model_type_of(source, model_cfg.trust_remote_code)
+    model_type = model_type_of(source, model_cfg.trust_remote_code, model_cfg.revision)
     model_dir = source.path if source.kind != "hub" else None
     chosen, origin = resolve_template(template, tokenizer, model_type, adapter=adapter, model_dir=model_dir,
                                       system=system)

@@ -186,10 +186,13 @@ def check_adapter_matches(model, adapter_dir: Path) -> None:
                                    f"outputs here but {shape[0]} in the adapter (trained on a different base model)")
 
 
-def model_type_of(source: ModelSource, trust_remote_code: bool = False) -> str | None:
+def model_type_of(source: ModelSource, trust_remote_code: bool = False, revision: str | None = None) -> str | None:
+    """The config's ``model_type`` (picks the family default template), or None when there is no readable config.
+    ``revision`` applies to a hub model only, as in ``load_tokenizer``."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code).model_type
+        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code,
+                                          revision=revision if source.kind == "hub" else None).model_type
     except (OSError, ValueError):
         return None
