@@ -107,8 +107,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from zhiling.config import load_config
-    from zhiling.data.templates import get_template
-    from zhiling.models import load_tokenizer, model_type_of, resolve_source
+    from zhiling.models.chat_setup import resolve_chat_setup
     from zhiling.train.data import tokenize_datasets
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="zhiling-tokbench-"))
@@ -124,9 +123,9 @@ def main() -> int:
     if args.model:
         overrides.append(f"model.name_or_path={args.model}")
     cfg = load_config(None, overrides)
-    source = resolve_source(cfg.model)
-    tokenizer = load_tokenizer(cfg.model, source)
-    template = get_template(cfg.template.name, tokenizer, model_type_of(source))
+    setup = resolve_chat_setup(cfg.model, cfg.template.name, adapter=cfg.training.init_adapter,
+                               system=cfg.template.system)  # as training resolves them
+    tokenizer, template = setup.tokenizer, setup.template
     base_rss = psutil.Process().memory_info().rss
     base_anon = anonymous_rss(os.getpid())
 

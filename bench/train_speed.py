@@ -461,14 +461,11 @@ def parse_args(argv=None):
 def prepare(args, workdir: Path) -> dict:
     """Resolve the model, make and tokenize the rows, write what the workers read."""
     from zhiling.config import ModelConfig
-    from zhiling.data.templates import resolve_template
-    from zhiling.models.loader import load_tokenizer, model_type_of, resolve_source
+    from zhiling.models.chat_setup import resolve_chat_setup
     from zhiling.train.packing import default_packing_tokens
 
-    model_cfg = ModelConfig(name_or_path=args.model)
-    source = resolve_source(model_cfg)
-    tokenizer = load_tokenizer(model_cfg, source)
-    template, _ = resolve_template(None, tokenizer, model_type_of(source))
+    setup = resolve_chat_setup(ModelConfig(name_or_path=args.model))
+    source, tokenizer, template = setup.source, setup.tokenizer, setup.template
     records = synthetic_records(args.rows, args.seed, tokenizer, template, args.cutoff_len)
     rows = tokenize_rows(records, tokenizer, template, args.cutoff_len)
     with (workdir / "records.jsonl").open("w", encoding="utf-8") as handle:

@@ -172,8 +172,8 @@ def _show_examples(console, title: str, examples: list[dict], key: str) -> None:
 def run_quickstart(options: QuickstartOptions, console=None) -> QuickstartReport:
     from rich.console import Console
 
-    from zhiling.models.loader import load_model, load_tokenizer, model_type_of, resolve_source
-    from zhiling.data.templates import get_template
+    from zhiling.models.chat_setup import resolve_chat_setup
+    from zhiling.models.loader import load_model
     from zhiling.train.trainer import Trainer
 
     console = console or Console(stderr=True)
@@ -184,10 +184,10 @@ def run_quickstart(options: QuickstartOptions, console=None) -> QuickstartReport
 
     _say(console, f"[bold]1/4[/] base model answers on {len(rows)} held-out rows")
     clock = time.perf_counter()
-    source = resolve_source(cfg.model)
-    tokenizer = load_tokenizer(cfg.model, source)
-    template = get_template(cfg.template.name, tokenizer, model_type_of(source), cfg.template.system)
-    base = load_model(cfg.model, source=source)
+    setup = resolve_chat_setup(cfg.model, cfg.template.name, adapter=cfg.training.init_adapter,
+                               system=cfg.template.system)  # as the trainer resolves them
+    tokenizer, template = setup.tokenizer, setup.template
+    base = load_model(cfg.model, source=setup.source)
     phases["load"] = time.perf_counter() - clock
     clock = time.perf_counter()
     before_answers = answer_rows(_engine(base, tokenizer, template), rows, options, "base model")

@@ -8,15 +8,14 @@ import sys
 from zhiling.cli.common import add_command
 
 
-def _tokenizer_and_template(model: str | None, template_name: str | None, system: str | None = None):
+def _tokenizer_and_template(model, template_name: str | None, system: str | None = None):
+    """The tokenizer and template training would use for ``model`` (a name or path, or a ``ModelConfig``)."""
     from zhiling.config import ModelConfig
-    from zhiling.data.templates import get_template
-    from zhiling.models import load_tokenizer, model_type_of, resolve_source
+    from zhiling.models.chat_setup import resolve_chat_setup
 
-    cfg = ModelConfig(name_or_path=model)
-    source = resolve_source(cfg)
-    tokenizer = load_tokenizer(cfg, source)
-    return tokenizer, get_template(template_name, tokenizer, model_type_of(source), system)
+    cfg = model if isinstance(model, ModelConfig) else ModelConfig(name_or_path=model)
+    setup = resolve_chat_setup(cfg, template_name, system=system)
+    return setup.tokenizer, setup.template
 
 
 def _records(names, registry, format, max_samples=None):

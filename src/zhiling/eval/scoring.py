@@ -66,19 +66,17 @@ class ScoringModel:
 
 def prepare_scoring_model(model: str | None, adapter: str | None = None, template: str | None = None,
                           use_template: bool = True) -> ScoringModel:
-    """Resolve a model (hub id, folder, GGUF, or the default), load its tokenizer and, with ``use_template``, pick
-    the template: ``template`` if named, else the one recorded with the adapter or model, else the model's own."""
+    """Resolve a model (hub id, folder, GGUF, or the default), load its tokenizer (the adapter's own when training
+    saved one) and, with ``use_template``, pick the template: ``template`` if named, else the one recorded with the
+    adapter or model, else the model's own (``models.chat_setup.resolve_chat_setup``, as for chat and training)."""
     from zhiling.config import ModelConfig
-    from zhiling.data.templates import resolve_template
-    from zhiling.models import load_tokenizer, model_type_of, resolve_source
+    from zhiling.models.chat_setup import resolve_chat_setup
 
     cfg = ModelConfig(name_or_path=model)
-    source = resolve_source(cfg)
-    tokenizer = load_tokenizer(cfg, source)
-    prepared = ScoringModel(cfg, source, adapter, tokenizer)
+    setup = resolve_chat_setup(cfg, template, adapter=adapter)
+    prepared = ScoringModel(cfg, setup.source, adapter, setup.tokenizer)
     if use_template:
-        prepared.template, prepared.where = resolve_template(template, tokenizer, model_type_of(source),
-                                                             adapter=adapter, model_dir=source.path)
+        prepared.template, prepared.where = setup.template, setup.template_origin
     return prepared
 
 

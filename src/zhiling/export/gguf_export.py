@@ -25,7 +25,7 @@ from pathlib import Path
 from rich.console import Console
 
 from zhiling.config import ModelConfig
-from zhiling.data.templates import Template, resolve_template
+from zhiling.data.templates import Template
 from zhiling.errors import ZhilingError
 from zhiling.export.converter import Converter, convert_to_gguf, find_converter
 from zhiling.export.gguf_meta import embed_template, embedded_template, read_metadata
@@ -33,7 +33,8 @@ from zhiling.export.merge import check_adapter_dir, model_inputs, stored_dtype, 
 from zhiling.export.modelfile import MODELFILE_HEADER, write_modelfile
 from zhiling.export.spm_vocab import GgufVocab, added_tokens_from_gguf, read_gguf_vocab, write_spm
 from zhiling.models.gguf_file import TEMPLATE_KEY, require_llama_cpp
-from zhiling.models.loader import ModelSource, load_tokenizer, model_type_of, resolve_source
+from zhiling.models.chat_setup import resolve_chat_setup
+from zhiling.models.loader import ModelSource, resolve_source
 from zhiling.owned import Mark, check_replaceable
 
 console = Console(stderr=True)
@@ -212,14 +213,16 @@ def export_gguf(model_cfg: ModelConfig, out_file: str | Path, *, adapter: str | 
             merged = write_model_folder(model_cfg, work / "merged", adapter=adapter_dir, template=template,
                                         system=system)
             model_dir, chosen, dtype = merged.folder, merged.template, merged.dtype
-            tokenizer = load_tokenizer(ModelConfig(name_or_path=str(model_dir)),
-                                       ModelSource(str(model_dir), "folder", str(model_dir)))
+            # the tokenizer merge wrote (the template as its chat template); the folder records ``chosen``
+            tokenizer = resolve_chat_setup(model_cfg, source=ModelSource(str(model_dir), "folder",
+                                                                         str(model_dir))).tokenizer
         else:
             model_dir = local_folder(model_cfg, source)
-            tokenizer = load_tokenizer(model_cfg, source)
-            chosen, _ = resolve_template(template, tokenizer, model_type_of(source, model_cfg.trust_remote_code),
-                                         model_dir=model_dir, system=system)
-            dtype = stored_dtype(source, model_cfg.trust_remote_code)
+            # a hub model is read from the snapshot just fetched (a template recorded there counts, as in a folder)
+            local = source if source.kind != "hub" else ModelSource(str(model_dir), "folder", source.origin)
+            setup = resolve_chat_setup(model_cfg, template, system=system, source=local)
+            tokenizer, chosen = setup.tokenizer, setup.template
+            dtype = stored_dtype(source, model_cfg)
         add_bos = wanted_bos(chosen, tokenizer)
         spm_source = None
         if not (model_dir / "tokenizer.model").exists() and (gguf_file := source_gguf_file(model_cfg, source)):

@@ -22,16 +22,16 @@ from pathlib import Path
 from rich.console import Console
 
 from zhiling.config import ModelConfig
-from zhiling.data.templates import resolve_template, save_template_record
+from zhiling.data.templates import save_template_record
 from zhiling.errors import ZhilingError
-from zhiling.models.loader import ModelSource, load_model, load_tokenizer, model_type_of, resolve_source
+from zhiling.models.chat_setup import resolve_chat_setup
+from zhiling.models.loader import ModelSource, load_model, resolve_source
 from zhiling.owned import check_replaceable, record_file, remove_owned
 
 console = Console(stderr=True)
 
 OUTPUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 MERGE_RECORD = "zhiling_merge.json"
-_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
 
 
 @dataclass(frozen=True)
@@ -91,25 +91,18 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-def stored_dtype(source: ModelSource, trust_remote_code: bool = False) -> str:
+def stored_dtype(source: ModelSource, cfg: ModelConfig) -> str:
     """The dtype the base checkpoint is stored in (config ``dtype`` / ``torch_dtype``), float32 when unknown."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=cfg.trust_remote_code,
+                                            revision=cfg.revision if source.kind == "hub" else None)
     except (OSError, ValueError):
         return "float32"
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     name = str(dtype).replace("torch.", "") if dtype is not None else ""
     return name if name in OUTPUT_DTYPES[1:] else "float32"
-
-
-def _adapter_tokenizer(adapter: Path | None, cfg: ModelConfig, source: ModelSource):
-    """The adapter's own tokenizer when training saved one beside it (it may have added tokens), else the base's."""
-    if adapter is not None and any((adapter / name).is_file() for name in _TOKENIZER_FILES):
-        return load_tokenizer(ModelConfig(name_or_path=str(adapter), trust_remote_code=cfg.trust_remote_code),
-                              ModelSource(str(adapter), "folder", str(adapter)))
-    return load_tokenizer(cfg, source)
 
 
 def write_model_folder(model_cfg: ModelConfig, out_dir: str | Path, *, adapter: str | Path | None = None,
@@ -129,12 +122,11 @@ def write_model_folder(model_cfg: ModelConfig, out_dir: str | Path, *, adapter: 
     source = resolve_source(model_cfg)
     inputs = model_inputs(model_cfg, adapter_dir, source)
     check_output_dir(out, overwrite, inputs)
-    target = stored_dtype(source, model_cfg.trust_remote_code) if dtype == "auto" else dtype
+    target = stored_dtype(source, model_cfg) if dtype == "auto" else dtype
 
-    tokenizer = _adapter_tokenizer(adapter_dir, model_cfg, source)
-    model_type = model_type_of(source, model_cfg.trust_remote_code)
-    chosen, origin = resolve_template(template, tokenizer, model_type, adapter=adapter_dir,
-                                      model_dir=source.path if source.kind != "hub" else None, system=system)
+    # the adapter's own tokenizer when training saved one (it may have added tokens), else the base's
+    setup = resolve_chat_setup(model_cfg, template, adapter=adapter_dir, system=system, source=source)
+    tokenizer, chosen, origin = setup.tokenizer, setup.template, setup.template_origin
 
     merge_cfg = model_cfg.model_copy(update={"dtype": "float32",
                                              "device": "cpu" if model_cfg.device == "auto" else model_cfg.device})

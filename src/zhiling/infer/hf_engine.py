@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import queue
 import threading
-from pathlib import Path
 from typing import Iterator
 
 from transformers.generation import LogitsProcessor, StoppingCriteria
 
 from zhiling.config import GenerationConfig, ModelConfig, QuantizationConfig
-from zhiling.data.templates import resolve_template
 from zhiling.infer.engine import Engine, StopStrings
-from zhiling.models.loader import load_model, load_tokenizer, model_type_of, resolve_source
+from zhiling.models.chat_setup import resolve_chat_setup
+from zhiling.models.loader import load_model
 
 DEFAULT_CONTEXT = 2048  # for models whose config states no limit (ALiBi models such as BLOOM)
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length", "n_ctx")
@@ -268,18 +267,9 @@ class HFEngine(Engine):
 
 def load_hf_engine(model_cfg: ModelConfig, *, adapter: str | None = None, template: str | None = None,
                    quant: QuantizationConfig | None = None, system: str | None = None) -> HFEngine:
-    source = resolve_source(model_cfg)
-    tokenizer_source = source
-    if adapter and (Path(adapter) / "tokenizer_config.json").is_file():
-        # training saves the tokenizer beside the adapter (with the template written into its chat template)
-        from zhiling.models.loader import ModelSource
-
-        tokenizer_source = ModelSource(str(adapter), "folder", str(adapter))
-    tokenizer = load_tokenizer(model_cfg, tokenizer_source)
-    model = load_model(model_cfg, quant, adapter=adapter, source=source)
+    setup = resolve_chat_setup(model_cfg, template, adapter=adapter, system=system)
+    model = load_model(model_cfg, quant, adapter=adapter, source=setup.source)
     model.eval()
-    model_dir = source.path if source.kind != "hub" else None
-    chosen, origin = resolve_template(template, tokenizer, model_type_of(source, model_cfg.trust_remote_code),
-                                      adapter=adapter, model_dir=model_dir, system=system)
-    return HFEngine(model, tokenizer, chosen, context_length=context_length_of(model.config, tokenizer),
-                    model_id=source.origin, adapter_id=str(adapter) if adapter else None, template_origin=origin)
+    return HFEngine(model, setup.tokenizer, setup.template,
+                    context_length=context_length_of(model.config, setup.tokenizer), model_id=setup.source.origin,
+                    adapter_id=str(adapter) if adapter else None, template_origin=setup.template_origin)

@@ -20,14 +20,14 @@ import ctypes
 import os
 import threading
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from zhiling.config import GenerationConfig, ModelConfig, QuantizationConfig
-from zhiling.data.templates import get_template
+from zhiling.data.templates import resolve_template
 from zhiling.errors import ZhilingError
 from zhiling.infer.engine import Engine, IncrementalDecoder, StopStrings
 from zhiling.models.gguf_file import TEMPLATE_KEY, require_llama_cpp, template_from_record
@@ -322,18 +322,11 @@ def _gpu_layers(device: str) -> int:
 
 def _choose_template(name: str | None, tokenizer: LlamaCppTokenizer, metadata: dict[str, str], path: Path,
                      system: str | None):
-    arch = metadata.get("general.architecture")
-    if name is not None:
-        return get_template(name, tokenizer, arch, system), f"template '{name}' (given)"
+    """The template by the one ordering rule (``resolve_template``), with the GGUF file's own record as the recorded
+    candidate, its Jinja chat template as the model's own and its architecture as the family."""
     record = metadata.get(TEMPLATE_KEY)
-    if record:
-        template = template_from_record(record, path)
-        if system is not None:
-            template = replace(template, default_system=system)
-        return template, f"template '{template.name}' recorded in the GGUF file"
-    template = get_template(None, tokenizer, arch, system)
-    where = "the GGUF file's chat template" if tokenizer.chat_template else f"default for {arch}"
-    return template, f"template '{template.name}' ({where})"
+    recorded = ((template_from_record(record, path), "recorded in the GGUF file"),) if record and name is None else ()
+    return resolve_template(name, tokenizer, metadata.get("general.architecture"), system=system, recorded=recorded)
 
 
 def load_llamacpp_engine(model_cfg: ModelConfig, *, adapter: str | None = None, template: str | None = None,
