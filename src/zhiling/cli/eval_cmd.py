@@ -92,6 +92,10 @@ def _parse_answer_specs(specs: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+SUITE_HELP = ("suite jsonl, or a folder of per-category JSON arrays of prompts as DreamerGPT's test_data/ "
+              "(01qa.json -> category qa, ids qa-01, qa-02, ...) (default: bundled)")
+
+
 def _categories(text: str | None) -> list[str] | None:
     return [c.strip() for c in text.split(",") if c.strip()] if text else None
 
@@ -104,7 +108,8 @@ def _run_judge(args) -> int:
                    output=args.output, suite=args.suite, categories=_categories(args.categories), limit=args.limit,
                    api_key_env=args.api_key_env, retries=args.retries, concurrency=args.concurrency,
                    timeout=args.timeout, http_retries=args.http_retries, cache_dir=args.cache_dir,
-                   no_cache=args.no_cache, retry_unparsed=args.retry_unparsed, name=args.name)
+                   no_cache=args.no_cache, retry_unparsed=args.retry_unparsed, name=args.name,
+                   human_scores=args.human_scores)
     done = run_judge_job(job, warn=_warn, note=lambda message: print(f"note: {message}", file=sys.stderr),
                          progress=not args.quiet)
     out = done.out
@@ -128,7 +133,9 @@ def _register_judge(group) -> None:
         an integer 0-10 under a fixed rubric. Malformed judge answers are retried, then marked unparsed (never
         guessed). Judge answers are cached per endpoint, so a re-run sends no request. Writes a RUN_DIR with the
         leaderboard (the URL without credentials). $OPENAI_API_KEY is sent only to https://api.openai.com; any other
-        server gets the key in the variable named by --api-key-env, or none.""",
+        server gets the key in the variable named by --api-key-env, or none. --suite also takes a folder laid out
+        as DreamerGPT's test_data/ (one JSON array of prompts per category file); --human-scores sets people's
+        scores beside the judge's, per category, with their Spearman rank correlation.""",
         examples="""
         zhiling eval suite-prompts -o suite.jsonl
         zhiling predict --model M --input suite.jsonl --output base.jsonl
@@ -140,10 +147,15 @@ def _register_judge(group) -> None:
             --categories code,math --limit 3 -o runs/judge-quick
         DEEPSEEK_KEY=sk-... zhiling eval judge --answers lora.jsonl --judge-url https://api.deepseek.com/v1 \\
             --judge-model deepseek-chat --api-key-env DEEPSEEK_KEY -o runs/judge-ds
+        zhiling eval judge --suite test_data/ --answers base=base.jsonl --answers lora=lora.jsonl \\
+            --human-scores human.csv --judge-url http://127.0.0.1:8000/v1 --judge-model qwen -o runs/judge-dreamer
         """)
-    parser.add_argument("--suite", default="bundled", metavar="bundled|FILE", help="suite jsonl (default: bundled)")
+    parser.add_argument("--suite", default="bundled", metavar="bundled|FILE|FOLDER", help=SUITE_HELP)
     parser.add_argument("--answers", action="append", required=True, metavar="NAME=PRED.jsonl",
                         help="one system's prediction file, matched to the suite by id (repeat per system)")
+    parser.add_argument("--human-scores", metavar="FILE",
+                        help="people's scores (CSV or jsonl: id or category + index, system, score 0-10, rater; or "
+                             "category, system, total, count), shown beside the judge's with their agreement")
     parser.add_argument("--judge-url", required=True, metavar="URL",
                         help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--judge-model", required=True, metavar="MODEL", help="model name at that endpoint")
@@ -190,8 +202,9 @@ def _register_suite_prompts(group) -> None:
         zhiling eval suite-prompts -o suite.jsonl
         zhiling eval suite-prompts --categories culture,safety --limit 5 -o small.jsonl
         zhiling eval suite-prompts --suite my_suite.jsonl -o my_prompts.jsonl
+        zhiling eval suite-prompts --suite DreamerGPT/test_data -o dreamer_prompts.jsonl
         """)
-    parser.add_argument("--suite", default="bundled", metavar="bundled|FILE", help="suite jsonl (default: bundled)")
+    parser.add_argument("--suite", default="bundled", metavar="bundled|FILE|FOLDER", help=SUITE_HELP)
     parser.add_argument("--categories", metavar="LIST", help="only these comma-separated categories")
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N prompts of each category")
     parser.add_argument("-o", "--output", required=True, metavar="PROMPTS.jsonl", help="file to write")

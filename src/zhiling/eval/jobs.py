@@ -44,6 +44,7 @@ class JudgeJob:
     no_cache: bool = False
     retry_unparsed: bool = False
     name: str | None = None
+    human_scores: str | Path | None = None  # CSV / jsonl of people's scores, shown beside the judge's
 
 
 @dataclass
@@ -65,6 +66,7 @@ class JudgeOutcome:
 
 def run_judge_job(job: JudgeJob, *, warn: Say = _silent, note: Say = _silent, progress: bool = True) -> JudgeOutcome:
     """Judge every system's answers on the suite and write the run folder (leaderboard in summary.json)."""
+    from zhiling.eval import human_scores as H
     from zhiling.eval import judge as J
     from zhiling.eval.endpoint import api_key_for, plain_http_warning, redact_url
     from zhiling.eval.predictions import read_predictions
@@ -73,6 +75,9 @@ def run_judge_job(job: JudgeJob, *, warn: Say = _silent, note: Say = _silent, pr
     from zhiling.paths import cache_root
 
     suite = load_suite(job.suite, job.categories, job.limit)
+    # checked before any judge request: ids against the whole suite, systems against --answers
+    human = (H.read_human_scores(job.human_scores, load_suite(job.suite), [name for name, _ in job.answers])
+             if job.human_scores else None)
     systems = []
     for name, path in job.answers:
         answers = answers_from_predictions(name, read_predictions(path), suite)
@@ -98,11 +103,18 @@ def run_judge_job(job: JudgeJob, *, warn: Say = _silent, note: Say = _silent, pr
                "rubric_version": J.RUBRIC_VERSION,
                "suite": str(job.suite), "systems": [{"name": s.name, "source": s.source} for s in systems],
                "leaderboard": board, "counts": counts}
+    if human is not None:
+        summary["human"] = H.compare_with_judge(human, run.items, board, run.systems)
+        tables.append(H.human_table(summary["human"], run.systems))
+        by_id = {row["id"]: row for row in run.items}
+        for row_id, scores in H.human_rows(human, run.items).items():
+            by_id[row_id]["human"] = scores
     out = write_run(job.output, "judge", summary=summary, rows=run.items, name=job.name,
                     markdown=markdown_document(f"Judge: {job.judge_model} on suite {job.suite}", tables),
-                    inputs=[s.source for s in systems],
+                    inputs=[s.source for s in systems] + ([str(job.human_scores)] if human else []),
                     options={"categories": job.categories, "limit": job.limit, "retries": job.retries,
-                             "cache_dir": str(cache_dir) if cache_dir else None})
+                             "cache_dir": str(cache_dir) if cache_dir else None,
+                             **({"human_scores": str(job.human_scores)} if human else {})})
     return JudgeOutcome(out, tables, len(run.items), run.requests, run.cached, dict(run.counts))
 
 

@@ -4,8 +4,9 @@ The report has one section per kind of run it was given:
 
 * metrics runs: the headline metrics per run, per task when the runs were grouped (``--by task``), a bar chart of
   one metric per task and run, and side-by-side outputs of the runs for a sample of rows (matched by id);
-* judge runs: per run the leaderboard (category x system), a bar chart of the mean scores, and side-by-side
-  answers of its systems for a sample of prompts;
+* judge runs: per run the leaderboard (category x system), people's scores beside the judge's with their agreement
+  (when the run was given ``--human-scores``), a bar chart of the mean scores, and side-by-side answers of its
+  systems for a sample of prompts;
 * multiple-choice runs: accuracy per subject and run, with a bar chart.
 
 It is written as ``report.md`` (charts as PNG files in ``charts/``) and a self-contained ``report.html``
@@ -24,6 +25,7 @@ from typing import Sequence
 from zhiling.errors import ZhilingError
 from zhiling.eval import judge as J
 from zhiling.eval.charts import grouped_bar_chart
+from zhiling.eval.human_scores import human_table
 from zhiling.eval.reference_eval import COLUMN_NAMES, headline
 from zhiling.eval.rundir import Run
 from zhiling.eval.suite import category_title
@@ -172,6 +174,8 @@ def judge_section(run: Run, name: str, *, samples: int, seed: int, pick: str, in
         raise ZhilingError(f"{run.path}: summary.json has no systems / leaderboard (not written by eval judge?)")
     section = Section(f"Judge: {name} (judge model {summary.get('judge_model', '?')})")
     section.tables += [J.ranking_table(board, systems), J.leaderboard_table(board, systems)]
+    if summary.get("human"):
+        section.tables.append(human_table(summary["human"], systems))
     categories = list(board["categories"])
     series = {s: [board["categories"][c][s]["mean"] for c in categories] for s in systems}
     section.charts.append(Chart(f"judge_{index}_{_slug(name)}", f"Judge scores by category: {name}", grouped_bar_chart(
@@ -190,11 +194,12 @@ def judge_section(run: Run, name: str, *, samples: int, seed: int, pick: str, in
             spread[row_id] = (max(values) - min(values)) if values else 0.0
     for row_id in _pick(ids, samples, seed, spread):
         row = rows[row_id]
-        scores = row.get("scores") or {}
+        scores, human = row.get("scores") or {}, row.get("human") or {}
         section.samples.append(Sample(row_id, f"{row_id} ({category_title(row.get('category', ''))})",
                                       row.get("prompt", ""), row.get("reference"),
                                       [Answer(s, row.get("answers", {}).get(s, ""),
-                                              str(scores[s]) if s in scores else row.get("status", "-"))
+                                              (str(scores[s]) if s in scores else row.get("status", "-"))
+                                              + (f", human {human[s]:g}" if s in human else ""))
                                        for s in systems]))
     return section
 

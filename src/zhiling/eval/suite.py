@@ -7,16 +7,25 @@ A suite file is jsonl, one prompt per line::
 
 ``reference`` is optional (a model answer or the points a good answer must contain; the judge sees it).
 The bundled suite (``zhiling/resources/eval/judge_suite.jsonl``) has 9 categories x 10 Chinese prompts.
+
+A suite can also be a folder laid out as DreamerGPT's ``test_data/`` is: one ``.json`` file per category, each a
+JSON array of prompts (``01qa.json`` ... ``08alignment.json``). The category is the file name without its numeric
+prefix (``01qa.json`` -> ``qa``, kept as written), and the n-th prompt of a file gets the id ``CATEGORY-NN``
+(``qa-01``), so ids depend only on the file and the position in it. An element is a string, or an object with
+``prompt`` or ``instruction`` (an ``input`` is joined to the instruction as in training data) and an optional
+``reference`` (or ``output``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from zhiling.data.reader import iter_jsonl
+from zhiling.data.formats.alpaca import join_instruction
+from zhiling.data.reader import iter_json_array, iter_jsonl
 from zhiling.data.records import get_str, type_name
 from zhiling.errors import DataError, ZhilingError
 from zhiling.eval.predictions import PredictionFile
@@ -27,7 +36,11 @@ SUITE_SOURCE = "zhiling-judge-suite"
 CATEGORY_TITLES = {
     "knowledge": "知识问答", "translation": "翻译", "writing": "写作", "sentiment": "情感分析",
     "reading": "阅读理解", "culture": "语言与文化", "code": "代码", "safety": "安全与拒答", "math": "数学",
+    # DreamerGPT's test_data/ categories, with the names its README gives them
+    "qa": "知识问答", "translate": "翻译", "generate": "文本生成", "analyse": "情感分析", "understanding": "阅读理解",
+    "chinese": "中文特色", "alignment": "伦理、拒答类",
 }
+_NUMBER_PREFIX = re.compile(r"^\d+[-_. ]*")
 
 
 @dataclass(frozen=True)
@@ -49,9 +62,79 @@ def bundled_suite_path() -> Path:
 
 def load_suite(source: str | Path = BUNDLED, categories: Sequence[str] | None = None,
                limit: int | None = None) -> list[SuiteItem]:
-    """Read a suite (``"bundled"`` or a jsonl path); optionally keep some categories and the first ``limit``
-    prompts of each."""
+    """Read a suite (``"bundled"``, a jsonl path or a folder of per-category JSON arrays); optionally keep some
+    categories and the first ``limit`` prompts of each."""
     path = bundled_suite_path() if str(source) == BUNDLED else Path(source)
+    return _select(_read_folder(path) if path.is_dir() else _read_jsonl(path), categories, limit)
+
+
+def folder_category(path: Path) -> str:
+    """``01qa.json`` -> ``qa``: the file name without its extension and numeric prefix, as written."""
+    return _NUMBER_PREFIX.sub("", path.stem)
+
+
+def _read_folder(folder: Path) -> list[SuiteItem]:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".json")
+    if not files:
+        raise DataError("the folder has no .json files (a folder suite holds one JSON array of prompts per "
+                        "category, e.g. 01qa.json)", str(folder))
+    owner: dict[str, Path] = {}
+    items: list[SuiteItem] = []
+    for path in files:
+        category = folder_category(path)
+        if not category:
+            raise DataError("the file name is only a number: the category comes from the name without its numeric "
+                            "prefix (e.g. 01qa.json -> qa)", str(path))
+        if category in owner:
+            raise DataError(f"category {category!r} again (also from {owner[category].name}): each category is one "
+                            "file", str(path))
+        owner[category] = path
+        items += _read_category_file(path, category)
+    return items
+
+
+def _read_category_file(path: Path, category: str) -> list[SuiteItem]:
+    items = []
+    try:
+        rows = list(iter_json_array(path))
+    except DataError as err:
+        raise DataError(f"{err.reason} (a folder suite file is one JSON array of prompts)", err.path, err.line,
+                        err.field) from None
+    for number, row in enumerate(rows, start=1):
+        if isinstance(row, DataError):
+            raise row
+        try:
+            prompt, reference = _element(row.value)
+        except DataError as err:
+            raise DataError(f"item {number} of the array: {err.reason}", str(path), row.line, err.field) from None
+        items.append(SuiteItem(f"{category}-{number:02d}", category, prompt, reference))
+    return items
+
+
+def _element(value) -> tuple[str, str | None]:
+    """(prompt, reference) of one array element: a string, or an object with prompt / instruction."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError("the prompt is empty")
+        return value, None
+    if not isinstance(value, dict):
+        raise DataError(f"expected a prompt string or an object with 'prompt' or 'instruction', "
+                        f"got {type_name(value)}")
+    keys = [key for key in ("prompt", "instruction") if key in value]
+    if len(keys) != 1:
+        raise DataError("an object needs exactly one of 'prompt' or 'instruction' (has: "
+                        f"{', '.join(map(str, value)) or 'no fields'})", field="prompt")
+    prompt = get_str(value, keys[0])
+    if keys[0] == "instruction":
+        prompt = join_instruction(prompt, get_str(value, "input", required=False))
+    refs = [key for key in ("reference", "output") if value.get(key) is not None]
+    if len(refs) > 1:
+        raise DataError("give 'reference' or 'output', not both", field="output")
+    reference = get_str(value, refs[0], required=False) if refs else ""
+    return prompt, reference or None
+
+
+def _read_jsonl(path: Path) -> list[SuiteItem]:
     items: list[SuiteItem] = []
     seen: dict[str, int] = {}
     for row in iter_jsonl(path):
@@ -69,6 +152,10 @@ def load_suite(source: str | Path = BUNDLED, categories: Sequence[str] | None = 
             raise DataError(f"duplicate id {item.id!r} (first on line {seen[item.id]})", str(path), row.line, "id")
         seen[item.id] = row.line
         items.append(item)
+    return items
+
+
+def _select(items: list[SuiteItem], categories: Sequence[str] | None, limit: int | None) -> list[SuiteItem]:
     if categories:
         known = {item.category for item in items}
         unknown = [c for c in categories if c not in known]
