@@ -319,3 +319,14 @@ def test_bad_human_scores_stop_before_any_judge_request(tmp_path, capsys, monkey
                      "--judge-model", "m", "-o", str(tmp_path / "j")]) == 1
         assert server.requests == []
     assert f"{human}, line 2, field 'score': score 12 is out of range 0-10" in capsys.readouterr().err
+
+
+def test_shipped_examples_load(tmp_path):
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "examples" / "eval"
+    items = load_suite(examples / "dreamergpt_style")
+    assert sorted({i.category for i in items}) == ["alignment", "qa", "translate"]
+    assert all(re.search(r"[\u4e00-\u9fff]", i.prompt) for i in items)
+    human = H.read_human_scores(examples / "human_scores.csv", items, ["base", "lora"])
+    assert human.scores and human.totals and human.raters
